@@ -1,0 +1,82 @@
+"""The swappable parts of igdpcp, declared in one place (as ``twisted.names`` does)."""
+
+from __future__ import annotations
+
+from zope.interface import Interface
+
+
+class IPortMappingService(Interface):
+    """The IWF operations a front end (UPnP face, later a portal) calls.
+
+    Every method takes a :class:`~igdpcp.subscriber.Caller`; a caller sees and
+    changes only its own subscriber's mappings.  Methods that may talk to the
+    PCP server return Deferreds; failures are :mod:`igdpcp.iwf.errors` types.
+    """
+
+    def add_mapping(caller, request, any_port=False):
+        """Create or refresh a mapping (``MappingRequest``).
+
+        ``any_port=False`` is AddPortMapping (exact external port or Conflict);
+        ``True`` is AddAnyPortMapping.  Fires with the stored ``MappingView``.
+        """
+
+    def delete_mapping(caller, key):
+        """Delete the caller's mapping named by ``MappingKey``. Fires with None."""
+
+    def delete_range(caller, start_port, end_port, protocol, manage):
+        """Delete the caller's mappings in an external port range. Fires with the count."""
+
+    def get_specific(caller, key):
+        """Fires with the ``MappingView`` for ``key`` or fails with NoSuchEntry / Conflict."""
+
+    def get_generic(caller, index):
+        """The ``MappingView`` at ``index`` of the subscriber's table (local, synchronous)."""
+
+    def list_mappings(caller, start_port, end_port, protocol, manage, limit):
+        """The ``MappingView`` list in a range (local, synchronous)."""
+
+    def mapping_count(subscriber):
+        """How many mappings the subscriber holds (PortMappingNumberOfEntries)."""
+
+    def external_address(caller):
+        """Fires with the subscriber's external address from the CGN, or None if unknown."""
+
+    def connection_status(caller):
+        """Fires with True when the subscriber's CGN answers."""
+
+    def add_observer(subscriber, observer):
+        """Call ``observer(changes: dict)`` when the subscriber's evented state changes."""
+
+    def remove_observer(subscriber, observer):
+        """Stop calling ``observer``."""
+
+
+class IMappingStore(Interface):
+    """Durable storage of the mappings the IWF has promised (SQLite by default)."""
+
+    def put(record):
+        """Store or replace a mapping record durably before returning."""
+
+    def delete(subscriber_key, record_key):
+        """Remove a record durably."""
+
+    def load_all():
+        """All stored records (used at start-up to restore and renew)."""
+
+    def close():
+        """Release the store."""
+
+
+class IThirdPartyIdSource(Interface):
+    """Finds the THIRD_PARTY_ID of a tunnel (static table, the interface itself, AAA)."""
+
+    def third_party_id(tunnel):
+        """Fires with the THIRD_PARTY_ID bytes for ``tunnel`` (a tunnel description)."""
+
+
+class IServerSelector(Interface):
+    """Chooses which PCP server holds a subscriber's mappings."""
+
+    def server_for(subscriber):
+        """The configured server name for ``subscriber``."""
+
