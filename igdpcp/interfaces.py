@@ -80,3 +80,19 @@ class IServerSelector(Interface):
     def server_for(subscriber):
         """The configured server name for ``subscriber``."""
 
+
+
+class IPCPClientListener(Interface):
+    """What the PCP client tells upper layers.  A listener may implement any subset."""
+
+    def server_state_lost(server):
+        """The epoch check failed or an ANNOUNCE showed the server lost state (RFC 6887 8.5)."""
+
+    def server_unreachable(server):
+        """RFC 7488 section 3: MRC transmissions to ``server`` went unanswered."""
+
+    def server_reachable(server):
+        """A server reported unreachable answered again."""
+
+    def mapping_update(server, result):
+        """An unsolicited MAP response (RFC 6887 14.2) that matched no request."""
