@@ -54,11 +54,14 @@ class IPortMappingService(Interface):
 class IMappingStore(Interface):
     """Durable storage of the mappings the IWF has promised (SQLite by default)."""
 
-    def put(record):
-        """Store or replace a mapping record durably before returning."""
+    def put(row):
+        """Store or replace a mapping row (a dict of plain values) durably before returning."""
 
-    def delete(subscriber_key, record_key):
-        """Remove a record durably."""
+    def replace(old_row, row):
+        """Atomically remove ``old_row`` and store ``row``."""
+
+    def delete(row):
+        """Remove the row with the same key, durably."""
 
     def load_all():
         """All stored records (used at start-up to restore and renew)."""

@@ -7,7 +7,7 @@ section 4.3 (``spec/iwf.md`` section D).
 
 from __future__ import annotations
 
-from ..pcp.constants import ResultCode
+from ..pcp.constants import ResultCode, result_name
 
 
 class IWFError(Exception):
@@ -83,7 +83,7 @@ RESULT_ERRORS: dict[ResultCode, type[IWFError]] = {
 }
 
 
-def error_for_result(result: ResultCode, reason: str = "") -> IWFError:
+def error_for_result(result: int, reason: str = "") -> IWFError:
     """The IWF error for a PCP error result (everything unlisted is ServerFailure)."""
     cls = RESULT_ERRORS.get(result, ServerFailure)
-    return cls(reason or f"PCP {result.name}", result=result)
+    return cls(reason or f"PCP {result_name(result)}", result=result)

@@ -96,20 +96,28 @@ _SHORT = {ResultCode.NETWORK_FAILURE, ResultCode.NO_RESOURCES, ResultCode.USER_E
 _NONE = {ResultCode.SUCCESS, *(ResultCode(c) for c in range(14, 24))}
 
 
-def lifetime_class(result: ResultCode) -> LifetimeClass:
+def lifetime_class(result: int) -> LifetimeClass:
     if result in _NONE:
         return LifetimeClass.NONE
     if result in _SHORT:
         return LifetimeClass.SHORT
-    if result is ResultCode.CANNOT_PROVIDE_EXTERNAL:
+    if result == ResultCode.CANNOT_PROVIDE_EXTERNAL:
         return LifetimeClass.DEPENDS
     return LifetimeClass.LONG
 
 
-def is_short_error(result: ResultCode, lifetime: int) -> bool:
+def is_short_error(result: int, lifetime: int) -> bool:
     """Whether retrying soon may help.  For DEPENDS codes the server's lifetime
     decides: at most the short recommendation (30 s) counts as short (iwf.md G.12)."""
     cls = lifetime_class(result)
     if cls is LifetimeClass.DEPENDS:
         return lifetime <= SHORT_ERROR_LIFETIME
     return cls is LifetimeClass.SHORT
+
+
+def result_name(result: int) -> str:
+    """The RFC's name for a result code, or its number if unassigned."""
+    try:
+        return ResultCode(result).name
+    except ValueError:
+        return str(result)

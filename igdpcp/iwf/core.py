@@ -1,0 +1,475 @@
+"""The interworking function: RFC 6970 section 5 on per-subscriber tables.
+
+Front ends call the :class:`IPortMappingService` methods with a Caller; this
+module applies policy, talks PCP through the client, stores each promised
+mapping before answering, and hands live mappings to the :class:`Keeper`.
+Design choices (also in the README):
+
+* Own-address rule: a control point maps only to itself; an empty
+  InternalClient means the caller.  Hosts on one subscriber LAN may list each
+  other's mappings (as on a home router) but change only their own.
+* PCP names a mapping by (internal host, protocol, internal port), so one
+  internal port gets one external port (iwf.md G.4): a second AddPortMapping
+  for the same internal tuple on another external port is a Conflict.
+* GetSpecificPortMappingEntry probes the CGN only when the caller has no such
+  entry (RFC 6970 section 5.7), deletes the probe mapping at once, and keeps
+  its nonce until the delete is confirmed, so a following AddPortMapping on the
+  same internal tuple reuses it instead of being refused (iwf.md G.5).
+* GetExternalIPAddress comes from the subscriber's own mappings, else from a
+  short probe mapping (Discard, TCP 9) deleted at once; reserved addresses are
+  never reported (clients.md R7).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import replace
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ..interfaces import IPCPClientListener, IPortMappingService
+from ..pcp.client import MapSpec, PCPTimeout, new_nonce
+from ..pcp.constants import ResultCode
+from .errors import (
+    Conflict,
+    IWFError,
+    IndexOutOfRange,
+    InconsistentParameters,
+    InvalidArgument,
+    NoSuchEntry,
+    NotAuthorized,
+    WildcardNotPermitted,
+)
+from .exchange import CallBound, bounded_map
+from .keeper import Keeper, map_spec
+from .model import PROTOCOLS, MappingKey
+from .policy import Policy
+from .records import PROTOCOL_NUMBERS, MappingRecord, SubscriberTable
+
+log = Logger()
+
+PROBE_LIFETIME = 60  # RFC 6970 section 5.7 suggests a short probe, e.g. 60 s
+DISCARD_PORT = 9  # RFC 6970 section 4.2: GetExternalIPAddress may map Discard
+EXTERNAL_ADDRESS_TTL = 300.0
+LIVENESS_TTL = 60.0
+
+
+def is_reportable(address) -> bool:
+    """Whether miniupnpc-based clients would accept this as an external address."""
+    return address is not None and address.is_global and not address.is_multicast
+
+
+@implementer(IPortMappingService, IPCPClientListener)
+class InterworkingFunction:
+    def __init__(self, reactor, client, store, policy: Policy = Policy(), *,
+                 bound: CallBound = CallBound(), probe_specific: bool = True,
+                 recovery_rate: float = 200.0, rng: random.Random | None = None):
+        self.reactor = reactor
+        self.client = client
+        self.store = store
+        self.policy = policy
+        self.bound = bound
+        self.probe_specific = probe_specific
+        self.rng = rng or random.SystemRandom()
+        self.stats: Counter = Counter()
+        self.tables: dict[str, SubscriberTable] = {}
+        self.observers: dict[str, list] = {}
+        self.locks: dict[tuple, defer.DeferredLock] = {}
+        self.probes: dict[tuple, bytes] = {}  # (tunnel, internal tuple) -> nonce of an undeleted probe
+        self.external_cache: dict[str, tuple] = {}
+        self.server_seen: dict[str, float] = {}
+        self.server_down: set[str] = set()
+        self.keeper = Keeper(reactor, client, self, pcp_lifetime=policy.pcp_lifetime, rng=self.rng,
+                             recovery_rate=recovery_rate)
+        client.add_listener(self)
+
+    # ------------------------------------------------------------ lifecycle
+    def restore(self) -> int:
+        """Load the store and renew every mapping with its persisted nonce (paced)."""
+        now = self.reactor.seconds()
+        live = []
+        for row in self.store.load_all():
+            record = MappingRecord.from_row(row)
+            if record.lease_end is not None and record.lease_end <= now:
+                self.store.delete(row)
+                self._delete_on_cgn(record)
+                continue
+            self._table(record.subscriber.tunnel).put(record)
+            live.append(record)
+        self.keeper.recreate(live)
+        self.stats["restored"] += len(live)
+        return len(live)
+
+    def stop(self) -> None:
+        self.keeper.stop()
+
+    # ------------------------------------------------------------ helpers
+    def _table(self, tunnel: str) -> SubscriberTable:
+        table = self.tables.get(tunnel)
+        if table is None:
+            table = self.tables[tunnel] = SubscriberTable()
+        return table
+
+    def _locked(self, caller, protocol, port, fn, *args):
+        key = (caller.subscriber.tunnel, protocol, port)
+        lock = self.locks.get(key)
+        if lock is None:
+            lock = self.locks[key] = defer.DeferredLock()
+
+        def release(result):
+            if not lock.locked and not lock.waiting:
+                self.locks.pop(key, None)
+            return result
+
+        return lock.run(lambda: defer.ensureDeferred(fn(*args))).addBoth(release)
+
+    def _seen(self, server: str) -> None:
+        self.server_seen[server] = self.reactor.seconds()
+
+    def current(self, record: MappingRecord) -> MappingRecord | None:
+        """The table's live version of ``record`` (None once removed or replaced)."""
+        table = self.tables.get(record.subscriber.tunnel)
+        live = table.get(record.key) if table else None
+        return live if live is not None and live.nonce == record.nonce else None
+
+    def _notify(self, tunnel: str, **extra) -> None:
+        table = self.tables.get(tunnel)
+        observers = self.observers.get(tunnel)
+        if not observers or table is None:
+            return
+        changes = {"PortMappingNumberOfEntries": len(table), "SystemUpdateID": table.update_id}
+        changes.update(extra)
+        for observer in list(observers):
+            try:
+                observer(changes)
+            except Exception:
+                log.failure("observer failed")
+
+    def _store(self, record: MappingRecord, old: MappingRecord | None = None) -> None:
+        if old is not None and old.key != record.key:
+            self.store.replace(old.to_row(), record.to_row())
+        else:
+            self.store.put(record.to_row())
+
+    def _install(self, record: MappingRecord, old: MappingRecord | None = None) -> None:
+        """Durably store, then show in the table, then keep alive (in that order)."""
+        self._store(record, old)
+        table = self._table(record.subscriber.tunnel)
+        if old is not None and old.key != record.key:
+            table.remove(old.key)
+            self.keeper.cancel(old)
+        table.put(record)
+        self.keeper.schedule(record)
+        self._learn_address(record.subscriber.tunnel, record.external_address)
+        self._notify(record.subscriber.tunnel)
+
+    def _remove(self, record: MappingRecord) -> None:
+        table = self.tables.get(record.subscriber.tunnel)
+        if table is None or table.remove(record.key) is None:
+            return
+        self.store.delete(record.to_row())
+        self.keeper.cancel(record)
+        self._notify(record.subscriber.tunnel)
+
+    def _learn_address(self, tunnel: str, address) -> None:
+        table = self._table(tunnel)
+        if address is not None and address != table.external_address:
+            table.external_address = address
+            self.external_cache.pop(tunnel, None)
+            self._notify(tunnel, ExternalIPAddress=str(address) if is_reportable(address) else "")
+
+    # ------------------------------------------------------------ add
+    def add_mapping(self, caller, request, any_port=False):
+        try:
+            _validate(request, any_port)
+        except IWFError as e:
+            return defer.fail(e)
+        return self._locked(caller, request.protocol, request.external_port,
+                            self._add, caller, request, any_port)
+
+    async def _add(self, caller, req, any_port):
+        sub = caller.subscriber
+        table = self._table(sub.tunnel)
+        client_address = req.internal_client if req.internal_client is not None else caller.address
+        self.policy.check_client(caller.address, client_address)
+        self.policy.check_rules(req.external_port or req.internal_port, client_address, req.internal_port)
+        lease = self.policy.clamp_lease(req.lease)
+        key = MappingKey(req.remote_host, req.external_port, req.protocol)
+        internal_tuple = (client_address, req.protocol, req.internal_port)
+        existing = table.get(key)
+        if existing is not None and existing.internal_client != client_address:
+            raise Conflict("the external port is mapped to another host")
+        same_tuple = table.by_tuple(internal_tuple)
+        if same_tuple is not None and same_tuple.key != key:
+            if not any_port:
+                raise Conflict("this internal host and port already has another external port")
+            existing, key = same_tuple, same_tuple.key
+        if existing is None:
+            self.policy.check_quota(len(table))
+        if existing is not None and existing.internal_tuple == internal_tuple:
+            nonce = existing.nonce
+        else:
+            nonce = self.probes.get((sub.tunnel, internal_tuple)) or new_nonce()
+        now = self.reactor.seconds()
+        record = MappingRecord(
+            subscriber=sub, remote_host=req.remote_host, external_port=key.external_port,
+            protocol=req.protocol, internal_client=client_address, internal_port=req.internal_port,
+            description=req.description, enabled=req.enabled, lease=lease,
+            lease_end=None if lease is None else now + lease, any_port=any_port, nonce=nonce,
+            server=sub.server,
+            external_address=existing.external_address if existing else None,
+        )
+        spec = map_spec(record, self.keeper.lifetime_for(record, now), suggest=existing is not None)
+        if existing is None:
+            spec = _with_port(spec, req.external_port)
+        self.stats["add_requests"] += 1
+        result = await bounded_map(self.reactor, self.client, sub.server, spec, self.bound)
+        self._seen(sub.server)
+        self.probes.pop((sub.tunnel, internal_tuple), None)
+        now = self.reactor.seconds()
+        granted = record.granted(result.external_address, result.lifetime, now)
+        if any_port and result.external_port != granted.external_port:
+            granted = _moved(granted, result.external_port)
+        if existing is not None and existing.internal_tuple != internal_tuple:
+            self._delete_on_cgn(existing)  # the same UPnP key now names another internal port
+        self._install(granted, old=existing)
+        self.stats["add_ok"] += 1
+        return granted.view(now)
+
+    # ------------------------------------------------------------ delete
+    def delete_mapping(self, caller, key):
+        return self._locked(caller, key.protocol, key.external_port, self._delete, caller, key)
+
+    async def _delete(self, caller, key):
+        table = self.tables.get(caller.subscriber.tunnel)
+        record = table.get(key) if table else None
+        if record is None:
+            raise NoSuchEntry("no such mapping")
+        if record.internal_client != caller.address:
+            raise NotAuthorized("only the host a mapping points to may delete it")
+        try:
+            await bounded_map(self.reactor, self.client, record.server, map_spec(record, 0),
+                              self.bound, delete=True, retry_short=False)
+        except Conflict:
+            self._remove(record)  # RFC 6970 section 5.8: CANNOT_PROVIDE_EXTERNAL -> 714
+            raise NoSuchEntry("the CGN holds no such mapping") from None
+        self._seen(record.server)
+        self._remove(record)
+        self.stats["delete_ok"] += 1
+
+    def delete_range(self, caller, start_port, end_port, protocol, manage):
+        if start_port > end_port:
+            return defer.fail(InconsistentParameters("NewStartPort is above NewEndPort"))
+        table = self.tables.get(caller.subscriber.tunnel)
+        # NewManage 1 asks for all entries, but access control still limits a
+        # control point to its own (igd.md section 4.4).
+        keys = [r.key for r in (table.records() if table else [])
+                if r.protocol == protocol and start_port <= r.external_port <= end_port
+                and r.internal_client == caller.address]
+        if not keys:
+            return defer.fail(NoSuchEntry("no mapping in that range"))
+        results = [self.delete_mapping(caller, k) for k in keys]
+        return defer.DeferredList(results, consumeErrors=True).addCallback(_count_or_first_error)
+
+    def _delete_on_cgn(self, record: MappingRecord) -> None:
+        """Fire-and-forget delete (lease end, replaced tuple, restore); PCP lifetimes bound any miss."""
+        d = self.client.delete(record.server, map_spec(record, 0))
+        d.addErrback(lambda f: self.stats.update(["background_delete_failed"]))
+
+    # ------------------------------------------------------------ reads
+    def get_specific(self, caller, key):
+        table = self.tables.get(caller.subscriber.tunnel)
+        record = table.get(key) if table else None
+        if record is not None:
+            return defer.succeed(record.view(self.reactor.seconds()))
+        if not self.probe_specific:
+            return defer.fail(NoSuchEntry("no such mapping"))
+        return self._locked(caller, key.protocol, key.external_port, self._probe, caller, key)
+
+    async def _probe(self, caller, key):
+        """RFC 6970 section 5.7 probe; the answer is 714 whichever way it goes."""
+        sub = caller.subscriber
+        internal_tuple = (caller.address, key.protocol, key.external_port)
+        table = self._table(sub.tunnel)
+        if table.by_tuple(internal_tuple) is None and key.external_port:
+            nonce = self.probes.setdefault((sub.tunnel, internal_tuple), new_nonce())
+            spec = MapSpec(nonce, PROTOCOL_NUMBERS[key.protocol], caller.address, key.external_port,
+                           PROBE_LIFETIME, external_port=key.external_port,
+                           third_party_id=sub.third_party_id, prefer_failure=True)
+            self.stats["probes"] += 1
+            try:
+                await bounded_map(self.reactor, self.client, sub.server, spec, self.bound,
+                                  retry_short=False)
+            except Conflict:
+                self.probes.pop((sub.tunnel, internal_tuple), None)
+            else:
+                self._seen(sub.server)
+                self._drop_probe(sub, internal_tuple, spec)
+        raise NoSuchEntry("no such mapping")
+
+    def _drop_probe(self, sub, internal_tuple, spec: MapSpec) -> None:
+        def done(result):
+            if getattr(result, "ok", False) and self.probes.get((sub.tunnel, internal_tuple)) == spec.nonce:
+                del self.probes[(sub.tunnel, internal_tuple)]
+        d = self.client.delete(sub.server, spec)
+        d.addCallbacks(done, lambda f: self.stats.update(["probe_delete_failed"]))
+
+    def get_generic(self, caller, index):
+        table = self.tables.get(caller.subscriber.tunnel)
+        record = table.at(index) if table else None
+        if record is None:
+            raise IndexOutOfRange(f"no entry at index {index}")
+        return record.view(self.reactor.seconds())
+
+    def list_mappings(self, caller, start_port, end_port, protocol, manage, limit):
+        if start_port > end_port:
+            raise InconsistentParameters("NewStartPort is above NewEndPort")
+        table = self.tables.get(caller.subscriber.tunnel)
+        now = self.reactor.seconds()
+        out = []
+        for record in table.records() if table else []:
+            if record.protocol != protocol or not start_port <= record.external_port <= end_port:
+                continue
+            if not manage and record.internal_client != caller.address:
+                continue
+            out.append(record.view(now))
+            if limit and len(out) >= limit:
+                break
+        return out
+
+    def mapping_count(self, subscriber):
+        table = self.tables.get(subscriber.tunnel)
+        return len(table) if table else 0
+
+    def system_update_id(self, subscriber) -> int:
+        table = self.tables.get(subscriber.tunnel)
+        return table.update_id if table else 0
+
+    # ------------------------------------------------------------ connection
+    def external_address(self, caller):
+        table = self.tables.get(caller.subscriber.tunnel)
+        if table is not None and table.external_address is not None:
+            address = table.external_address
+            return defer.succeed(address if is_reportable(address) else None)
+        cached = self.external_cache.get(caller.subscriber.tunnel)
+        if cached and self.reactor.seconds() - cached[1] < EXTERNAL_ADDRESS_TTL:
+            return defer.succeed(cached[0])
+        return self._locked(caller, "TCP", DISCARD_PORT, self._probe_address, caller)
+
+    async def _probe_address(self, caller):
+        sub = caller.subscriber
+        internal_tuple = (caller.address, "TCP", DISCARD_PORT)
+        nonce = self.probes.setdefault((sub.tunnel, internal_tuple), new_nonce())
+        spec = MapSpec(nonce, PROTOCOL_NUMBERS["TCP"], caller.address, DISCARD_PORT,
+                       PROBE_LIFETIME, third_party_id=sub.third_party_id)
+        result = await bounded_map(self.reactor, self.client, sub.server, spec, self.bound)
+        self._seen(sub.server)
+        self._drop_probe(sub, internal_tuple, spec)
+        address = result.external_address if is_reportable(result.external_address) else None
+        if address is None:
+            log.warn("CGN gave a reserved external address; not reporting it to subscribers")
+        self.external_cache[sub.tunnel] = (address, self.reactor.seconds())
+        return address
+
+    def connection_status(self, caller):
+        server = caller.subscriber.server
+        if server in self.server_down:
+            return defer.succeed(False)
+        seen = self.server_seen.get(server)
+        if seen is not None and self.reactor.seconds() - seen < LIVENESS_TTL:
+            return defer.succeed(True)
+        d = self.client.announce(server, deadline=self.bound.deadline / 2, policy=self.bound.policy)
+
+        def answered(response):
+            self._seen(server)
+            return response.result == ResultCode.SUCCESS
+
+        def silent(failure):
+            failure.trap(PCPTimeout)
+            return False
+
+        return d.addCallbacks(answered, silent)
+
+    # ------------------------------------------------------------ observers
+    def add_observer(self, subscriber, observer):
+        self.observers.setdefault(subscriber.tunnel, []).append(observer)
+
+    def remove_observer(self, subscriber, observer):
+        observers = self.observers.get(subscriber.tunnel, [])
+        if observer in observers:
+            observers.remove(observer)
+
+    # ------------------------------------------------------------ from the keeper
+    def renewed(self, record: MappingRecord, result) -> None:
+        self._seen(record.server)
+        now = self.reactor.seconds()
+        granted = record.granted(result.external_address, result.lifetime, now)
+        moved = result.external_port != record.external_port
+        if moved:
+            granted = _moved(granted, result.external_port)
+        if moved or result.external_address != record.external_address:
+            self._install(granted, old=record)  # persist what changed
+        else:
+            self._table(record.subscriber.tunnel).put(granted)
+            self.keeper.schedule(granted)
+
+    def lost(self, record: MappingRecord, result: int) -> None:
+        log.warn("CGN refused to keep a mapping ({result}); removing it", result=ResultCode(result).name)
+        self.stats["mappings_lost"] += 1
+        self._remove(record)
+
+    def lease_ended(self, record: MappingRecord) -> None:
+        self._remove(record)
+        self._delete_on_cgn(record)
+
+    # ------------------------------------------------------------ from the PCP client
+    def server_state_lost(self, server):
+        self.stats["state_loss_events"] += 1
+        self.external_cache.clear()
+        records = [r for t in self.tables.values() for r in t.records() if r.server == server]
+        log.info("PCP server {server} lost state: re-creating {n} mappings", server=server, n=len(records))
+        # RFC 6887 section 14.1.3: wait a random 0-5 s, then re-issue requests.
+        self.keeper.recreate(records, initial_delay=self.rng.uniform(0, 5))
+
+    def server_unreachable(self, server):
+        self.server_down.add(server)
+
+    def server_reachable(self, server):
+        self.server_down.discard(server)
+        self._seen(server)
+
+    def mapping_update(self, server, result):
+        self.stats["mapping_updates"] += 1
+
+
+def _validate(req, any_port: bool) -> None:
+    if req.protocol not in PROTOCOLS:
+        raise InvalidArgument("protocol must be TCP or UDP")
+    if not 1 <= req.internal_port <= 65535:
+        raise WildcardNotPermitted("internal_port")
+    if not 0 <= req.external_port <= 65535:
+        raise InvalidArgument("external port out of range")
+    if req.external_port == 0 and not any_port:
+        raise WildcardNotPermitted("external_port")
+    if req.internal_client is not None and (req.internal_client.is_unspecified
+                                            or req.internal_client.is_multicast):
+        raise WildcardNotPermitted("internal_client")
+
+
+def _with_port(spec: MapSpec, port: int) -> MapSpec:
+    return replace(spec, external_port=port, external_address=None)
+
+
+def _moved(record: MappingRecord, port: int) -> MappingRecord:
+    return replace(record, external_port=port)
+
+
+def _count_or_first_error(results):
+    failures = [r for ok, r in results if not ok]
+    if failures and len(failures) == len(results):
+        failures[0].raiseException()
+    return len(results) - len(failures)
+
