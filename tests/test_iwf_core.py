@@ -3,6 +3,8 @@
 Every test checks what the CGN holds afterwards, not only what the IWF says.
 """
 
+import os
+import tempfile
 from ipaddress import IPv4Address, ip_network
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -160,6 +162,26 @@ class AddTests(IWFTestCase):
         caller2 = Caller(SUB2, HOST)
         self.assertEqual(self.iwf.get_generic(caller2, 0).external_port, view.external_port)
 
+    def test_server_ignoring_prefer_failure_gets_conflict(self):
+        # Like miniupnpd 2.3.1: SUCCESS on another port despite PREFER_FAILURE.
+        real = self.cgn.handle
+
+        def lax(data, ip, port, now):
+            answer = real(data, ip, port, now)
+            if answer is not None and data[4:8] != b"\0\0\0\0" and answer[3] == 11:
+                data = bytearray(data)
+                data[42:44] = (18099).to_bytes(2, "big")  # suggest a free port instead
+                return real(bytes(data), ip, port, now)
+            return answer
+
+        self.cgn.handle = lax
+        self.add(SUB1)
+        with self.assertRaises(errors.Conflict):
+            self.add(SUB2)
+        self.pump(1, step=0.01)
+        self.assertEqual([h[0] for h in self.held()], ["0003e9"])  # the stray one was deleted
+        self.assertEqual(self.iwf.stats["prefer_failure_ignored"], 1)
+
     def test_quota(self):
         self.iwf.policy = Policy(quota=2)
         self.add(port=20001, internal_port=20001)
@@ -234,7 +256,7 @@ class RecoveryTests(IWFTestCase):
         self.assertEqual(self.iwf.stats["state_loss_events"], 1)
 
     def test_restart_restores_renews_deletes(self):
-        store = self.store = SQLiteStore(self.mktemp())
+        store = self.store = SQLiteStore(os.path.join(tempfile.mkdtemp(), "m.sqlite"))
         self.iwf.store = store
         self.add()
         nonce = self.cgn.snapshot(self.clock.seconds())[0]["nonce"]

@@ -41,6 +41,7 @@ from .errors import (
     InvalidArgument,
     NoSuchEntry,
     NotAuthorized,
+    ServerFailure,
     WildcardNotPermitted,
 )
 from .exchange import CallBound, bounded_map
@@ -79,6 +80,9 @@ class InterworkingFunction:
         self.observers: dict[str, list] = {}
         self.locks: dict[tuple, defer.DeferredLock] = {}
         self.probes: dict[tuple, bytes] = {}  # (tunnel, internal tuple) -> nonce of an undeleted probe
+        # nonce -> (server, spec) of PREFER_FAILURE requests awaiting an answer (see mapping_update)
+        self.exact: dict[bytes, tuple] = {}
+        self.exact_refused: set[bytes] = set()
         self.external_cache: dict[str, tuple] = {}
         self.server_seen: dict[str, float] = {}
         self.server_down: set[str] = set()
@@ -226,7 +230,7 @@ class InterworkingFunction:
         if existing is None:
             spec = _with_port(spec, req.external_port)
         self.stats["add_requests"] += 1
-        result = await bounded_map(self.reactor, self.client, sub.server, spec, self.bound)
+        result = await self._exact_map(sub.server, spec)
         self._seen(sub.server)
         self.probes.pop((sub.tunnel, internal_tuple), None)
         now = self.reactor.seconds()
@@ -238,6 +242,28 @@ class InterworkingFunction:
         self._install(granted, old=existing)
         self.stats["add_ok"] += 1
         return granted.view(now)
+
+    async def _exact_map(self, server, spec):
+        """bounded_map, plus a guard for servers that ignore PREFER_FAILURE.
+
+        miniupnpd 2.3.1 answers SUCCESS on *another* port when the asked one is
+        held by another host.  The client rightly does not take that as the
+        answer (RFC 6887 section 13.2) and reports it as a mapping update;
+        :meth:`mapping_update` then deletes the stray mapping, which supersedes
+        the request, and the caller gets a Conflict (UPnP 718).
+        """
+        if not spec.prefer_failure:
+            return await bounded_map(self.reactor, self.client, server, spec, self.bound)
+        self.exact[spec.nonce] = (server, spec)
+        try:
+            return await bounded_map(self.reactor, self.client, server, spec, self.bound)
+        except ServerFailure:
+            if spec.nonce in self.exact_refused:
+                raise Conflict("the CGN could only offer another external port") from None
+            raise
+        finally:
+            self.exact.pop(spec.nonce, None)
+            self.exact_refused.discard(spec.nonce)
 
     # ------------------------------------------------------------ delete
     def delete_mapping(self, caller, key):
@@ -443,6 +469,13 @@ class InterworkingFunction:
 
     def mapping_update(self, server, result):
         self.stats["mapping_updates"] += 1
+        body = result.response.body
+        pending = self.exact.get(getattr(body, "nonce", None))
+        if pending is not None and result.ok and pending[0] == server:
+            self.stats["prefer_failure_ignored"] += 1
+            self.exact_refused.add(body.nonce)
+            self.client.delete(server, pending[1]).addErrback(
+                lambda f: self.stats.update(["background_delete_failed"]))
 
 
 def _validate(req, any_port: bool) -> None:
