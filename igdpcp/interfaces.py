@@ -44,8 +44,11 @@ class IPortMappingService(Interface):
     def connection_status(caller):
         """Fires with True when the subscriber's CGN answers."""
 
+    def state(subscriber):
+        """The subscriber's evented values now: ``mappings``, ``update_id``, ``external_address``."""
+
     def add_observer(subscriber, observer):
-        """Call ``observer(changes: dict)`` when the subscriber's evented state changes."""
+        """Call ``observer(changes)`` when those values change (a dict of the changed ones)."""
 
     def remove_observer(subscriber, observer):
         """Stop calling ``observer``."""

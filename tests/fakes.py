@@ -134,6 +134,9 @@ class FakePortMappingService:
         self._enter("connection_status", caller)
         return defer.succeed(self.connected)
 
+    def state(self, subscriber):
+        return {"mappings": len(self._table(subscriber)), "update_id": 0, "external_address": None}
+
     def add_observer(self, subscriber, observer):
         self.observers.setdefault(subscriber.key, []).append(observer)
 

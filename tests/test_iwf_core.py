@@ -345,6 +345,7 @@ class DeleteAndReadTests(IWFTestCase):
         self.iwf.add_observer(SUB1, seen.append)
         self.add()
         self.drive(self.iwf.delete_mapping(Caller(SUB1, HOST), MappingKey(None, 18080, "TCP")))
-        counts = [c["PortMappingNumberOfEntries"] for c in seen if "PortMappingNumberOfEntries" in c]
+        counts = [c["mappings"] for c in seen]
         self.assertEqual(counts[-2:], [1, 0])
-        self.assertIn("ExternalIPAddress", seen[0])
+        self.assertEqual(seen[0]["external_address"], IPv4Address("5.5.5.5"))
+        self.assertEqual(self.iwf.state(SUB1)["mappings"], 0)

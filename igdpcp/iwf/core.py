@@ -139,13 +139,14 @@ class InterworkingFunction:
         live = table.get(record.key) if table else None
         return live if live is not None and live.nonce == record.nonce else None
 
-    def _notify(self, tunnel: str, **extra) -> None:
+    def _notify(self, tunnel: str, external_address: bool = False) -> None:
         table = self.tables.get(tunnel)
         observers = self.observers.get(tunnel)
         if not observers or table is None:
             return
-        changes = {"PortMappingNumberOfEntries": len(table), "SystemUpdateID": table.update_id}
-        changes.update(extra)
+        changes = {"mappings": len(table), "update_id": table.update_id}
+        if external_address:
+            changes["external_address"] = _reportable_or_none(table.external_address)
         for observer in list(observers):
             try:
                 observer(changes)
@@ -183,7 +184,7 @@ class InterworkingFunction:
         if address is not None and address != table.external_address:
             table.external_address = address
             self.external_cache.pop(tunnel, None)
-            self._notify(tunnel, ExternalIPAddress=str(address) if is_reportable(address) else "")
+            self._notify(tunnel, external_address=True)
 
     # ------------------------------------------------------------ add
     def add_mapping(self, caller, request, any_port=False):
@@ -370,9 +371,13 @@ class InterworkingFunction:
         table = self.tables.get(subscriber.tunnel)
         return len(table) if table else 0
 
-    def system_update_id(self, subscriber) -> int:
+    def state(self, subscriber) -> dict:
+        """The subscriber's evented values now: mappings, update_id, external_address."""
         table = self.tables.get(subscriber.tunnel)
-        return table.update_id if table else 0
+        if table is None:
+            return {"mappings": 0, "update_id": 0, "external_address": None}
+        return {"mappings": len(table), "update_id": table.update_id,
+                "external_address": _reportable_or_none(table.external_address)}
 
     # ------------------------------------------------------------ connection
     def external_address(self, caller):
@@ -476,6 +481,10 @@ class InterworkingFunction:
             self.exact_refused.add(body.nonce)
             self.client.delete(server, pending[1]).addErrback(
                 lambda f: self.stats.update(["background_delete_failed"]))
+
+
+def _reportable_or_none(address):
+    return address if is_reportable(address) else None
 
 
 def _validate(req, any_port: bool) -> None:

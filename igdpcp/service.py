@@ -1,0 +1,91 @@
+"""Wires the layers together (the only place besides the twistd plugins that does).
+
+PCP client -> IWF (with its store) -> one front end per tunnel.  Start-up
+order matters: the store is restored and its mappings queued for renewal
+before any tunnel listens.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from twisted.application.service import MultiService, Service
+
+from .config import Config
+from .iwf.core import InterworkingFunction
+from .iwf.exchange import CallBound
+from .iwf.store import SQLiteStore
+from .pcp.client import PCPClient, ServerAddress
+from .subscriber import Subscriber, set_pseudonym_key
+from .tunnels.frontend import FrontEndSettings, TunnelFrontEnd
+
+
+def privacy_key(config: Config) -> bytes:
+    """The key for UDNs and log pseudonyms: from the config, else kept beside the store
+    (0600), so UDNs stay the same across restarts without being derivable from tunnel IDs."""
+    if config.privacy_key is not None:
+        return config.privacy_key
+    path = config.store_path + ".key"
+    try:
+        with open(path, "rb") as f:
+            key = f.read()
+        if len(key) >= 16:
+            return key
+    except FileNotFoundError:
+        pass
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    key = os.urandom(32)
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return key
+
+
+class CoreService(Service):
+    """The PCP client, the store and the IWF, started and stopped in order."""
+
+    name = "core"
+
+    def __init__(self, reactor, config: Config):
+        self.reactor = reactor
+        self.config = config
+        self.client = PCPClient(
+            reactor, {s.name: ServerAddress(s.address, s.port) for s in config.servers},
+            bind=config.pcp_bind)
+        self.store = SQLiteStore(config.store_path, config.store_sync)
+        self.iwf = InterworkingFunction(
+            reactor, self.client, self.store, config.policy,
+            bound=CallBound(deadline=config.soap_deadline), probe_specific=config.probe_specific,
+            recovery_rate=config.recovery_rate)
+
+    def startService(self):
+        super().startService()
+        self.client.start()
+        self.iwf.restore()
+
+    def stopService(self):
+        super().stopService()
+        self.iwf.stop()
+        d = self.client.stop()
+        d.addBoth(lambda r: self.store.close())
+        return d
+
+
+def make_service(reactor, config: Config) -> MultiService:
+    key = privacy_key(config)
+    set_pseudonym_key(key)
+    top = MultiService()
+    core = CoreService(reactor, config)
+    core.setServiceParent(top)
+    settings = FrontEndSettings(
+        igd_version=config.igd_version, http_port=config.http_port,
+        friendly_name=config.friendly_name, udn_secret=key,
+        advertise_interval=config.advertise_interval,
+        boot_id=int(time.time()) & 0x7FFFFFFF,  # UDA 1.1: grows with every boot
+    )
+    for tunnel in config.tunnels:
+        subscriber = Subscriber(tunnel.name, tunnel.third_party_id, tunnel.server)
+        TunnelFrontEnd(reactor, core.iwf, subscriber, tunnel.interface, tunnel.address,
+                       settings).setServiceParent(top)
+    return top

@@ -1,0 +1,1 @@
+"""Per-tunnel listeners: where a packet's tunnel becomes a Subscriber."""

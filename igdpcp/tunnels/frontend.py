@@ -1,0 +1,127 @@
+"""One tunnel's IGD: SSDP, description, SOAP and GENA on sockets bound to its interface.
+
+This is where a packet's tunnel becomes a :class:`~igdpcp.subscriber.Subscriber`:
+every request that arrives on the interface is from that subscriber, and the
+control point is the packet's source address on it.  Nothing below here
+looks at sockets.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import partial
+from ipaddress import ip_address
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from ..subscriber import Caller, Subscriber
+from ..upnp import gena, gena_http
+from ..upnp.description import igd_models
+from ..upnp.device import ROOT_DESC_PATH
+from ..upnp.http import UPnPResource, make_site
+from ..upnp.ssdp_protocol import AdvertiseSchedule, SSDPProtocol
+from .listeners import listen_ssdp, listen_tcp
+
+log = Logger()
+
+# IWF state names -> WANIPConnection evented variables (igd.md section 2).
+_EVENTED = {"mappings": "PortMappingNumberOfEntries", "update_id": "SystemUpdateID",
+            "external_address": "ExternalIPAddress"}
+
+
+@dataclass(frozen=True, slots=True)
+class FrontEndSettings:
+    """What every tunnel's IGD shares (from the config)."""
+
+    igd_version: int = 1
+    http_port: int = 5000
+    friendly_name: str = "igdpcp"
+    udn_secret: bytes = b""
+    advertise_interval: float = 900.0
+    boot_id: int = 1
+
+
+def upnp_values(state: dict, version: int) -> dict:
+    """IWF state -> evented variable values (None address -> "")."""
+    out = {}
+    for key, value in state.items():
+        name = _EVENTED.get(key)
+        if name is None or (name == "SystemUpdateID" and version < 2):
+            continue
+        out[name] = "" if value is None else value
+    return out
+
+
+class TunnelFrontEnd(Service):
+    """The UPnP face of one subscriber tunnel (interface ``interface``, our ``address``)."""
+
+    def __init__(self, reactor, iwf, subscriber: Subscriber, interface: str, address: str,
+                 settings: FrontEndSettings):
+        self.reactor = reactor
+        self.iwf = iwf
+        self.subscriber = subscriber
+        self.interface = interface
+        self.address = address
+        self.settings = settings
+        self.setName(f"tunnel:{subscriber.tunnel}")
+        self.models = igd_models(settings.igd_version, settings.udn_secret, subscriber.tunnel,
+                                 settings.friendly_name)
+        self.ports: list = []
+        self.ssdp: SSDPProtocol | None = None
+        self.managers: dict = {}
+        self.sender = gena_http.NotifySender(reactor, bind_address=address)
+
+    def caller_for(self, request) -> Caller | None:
+        try:
+            return Caller(self.subscriber, ip_address(request.getClientAddress().host))
+        except (AttributeError, ValueError):
+            return None
+
+    def _event_resources(self) -> dict:
+        resources = {}
+        version = self.settings.igd_version
+        for device in self.models[version].walk():
+            for service in device.services:
+                manager = gena.SubscriptionManager(service, self.reactor)
+                self.managers[service.name] = manager
+                resources[service.event_path] = gena_http.EventSubResource(
+                    manager, self.caller_for, partial(self._initial_state, service.name), self.sender)
+        return resources
+
+    def _initial_state(self, service_name: str) -> dict:
+        if service_name == "WANCommonInterfaceConfig":
+            return {"PhysicalLinkStatus": "Up"}
+        values = {"PossibleConnectionTypes": "IP_Routed",
+                  "ConnectionStatus": "Disconnected" if self.subscriber.server in self.iwf.server_down
+                  else "Connected"}
+        values.update(upnp_values(self.iwf.state(self.subscriber), self.settings.igd_version))
+        return values
+
+    def _changed(self, changes: dict) -> None:
+        manager = self.managers.get("WANIPConnection")
+        if manager is not None:
+            gena_http.publish(manager, self.sender, upnp_values(changes, self.settings.igd_version))
+
+    def startService(self):
+        super().startService()
+        s = self.settings
+        resource = UPnPResource(self.models, self.iwf, self.caller_for, self.reactor,
+                                event_resources=self._event_resources())
+        self.ports.append(listen_tcp(self.reactor, s.http_port, make_site(resource),
+                                     device=self.interface, interface=self.address))
+        location = f"http://{self.address}:{s.http_port}{ROOT_DESC_PATH}"
+        self.ssdp = SSDPProtocol(self.reactor, self.models[s.igd_version], location,
+                                 random=random.SystemRandom(), boot_id=s.boot_id,
+                                 advertise=AdvertiseSchedule(interval=s.advertise_interval))
+        self.ports.append(listen_ssdp(self.reactor, self.ssdp, device=self.interface))
+        self.iwf.add_observer(self.subscriber, self._changed)
+
+    def stopService(self):
+        super().stopService()
+        self.iwf.remove_observer(self.subscriber, self._changed)
+        ports, self.ports = self.ports, []
+        # Stopping the SSDP port sends ssdp:byebye from its protocol's stopProtocol.
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in reversed(ports)])
