@@ -16,6 +16,7 @@ from .config import Config
 from .iwf.core import InterworkingFunction
 from .iwf.exchange import CallBound
 from .iwf.store import SQLiteStore
+from .logs import set_level
 from .pcp.client import PCPClient, ServerAddress
 from .subscriber import Subscriber, set_pseudonym_key
 from .tunnels.frontend import FrontEndSettings, TunnelFrontEnd
@@ -73,6 +74,7 @@ class CoreService(Service):
 
 
 def make_service(reactor, config: Config) -> MultiService:
+    set_level(config.log_level)
     key = privacy_key(config)
     set_pseudonym_key(key)
     top = MultiService()

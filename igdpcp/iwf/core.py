@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import replace
 
 from twisted.internet import defer
-from twisted.logger import Logger
+from ..logs import logger
 from zope.interface import implementer
 
 from ..interfaces import IPCPClientListener, IPortMappingService
@@ -50,7 +50,7 @@ from .model import PROTOCOLS, MappingKey
 from .policy import Policy
 from .records import PROTOCOL_NUMBERS, MappingRecord, SubscriberTable
 
-log = Logger()
+log = logger(__name__)
 
 PROBE_LIFETIME = 60  # RFC 6970 section 5.7 suggests a short probe, e.g. 60 s
 DISCARD_PORT = 9  # RFC 6970 section 4.2: GetExternalIPAddress may map Discard

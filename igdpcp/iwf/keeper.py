@@ -13,14 +13,14 @@ from __future__ import annotations
 from collections import deque
 
 from twisted.internet import defer
-from twisted.logger import Logger
+from ..logs import logger
 
 from ..pcp.client import MapSpec, PCPSuperseded, PCPTimeout
 from ..pcp.constants import MIN_RENEWAL_GAP, ResultCode
 from ..pcp.schedule import RetransmitPolicy, next_renewal
 from .records import PROTOCOL_NUMBERS, MappingRecord
 
-log = Logger()
+log = logger(__name__)
 
 # After a mapping's PCP lifetime ran out without a successful renewal, keep trying at this pace.
 LATE_RETRY = 15.0

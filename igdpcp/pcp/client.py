@@ -23,7 +23,7 @@ from typing import Callable
 
 from twisted.internet import defer
 from twisted.internet.protocol import DatagramProtocol
-from twisted.logger import Logger
+from ..logs import logger
 
 from .codec import (
     Address,
@@ -46,7 +46,7 @@ from .constants import NONCE_SIZE, SERVER_PORT, Opcode, ResultCode
 from .epoch import EpochTracker
 from .schedule import RFC6887_DEFAULT, RFC7488_MRC, RetransmitPolicy
 
-log = Logger()
+log = logger(__name__)
 
 # Lifetimes beyond this are treated as this (section 8.3 / 15: absurd values).
 LIFETIME_SANITY_CAP = 24 * 3600

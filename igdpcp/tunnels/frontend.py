@@ -15,7 +15,7 @@ from ipaddress import ip_address
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.logger import Logger
+from ..logs import logger
 
 from ..subscriber import Caller, Subscriber
 from ..upnp import gena, gena_http
@@ -25,7 +25,7 @@ from ..upnp.http import UPnPResource, make_site
 from ..upnp.ssdp_protocol import AdvertiseSchedule, SSDPProtocol
 from .listeners import listen_ssdp, listen_tcp
 
-log = Logger()
+log = logger(__name__)
 
 # IWF state names -> WANIPConnection evented variables (igd.md section 2).
 _EVENTED = {"mappings": "PortMappingNumberOfEntries", "update_id": "SystemUpdateID",

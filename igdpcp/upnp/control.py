@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 
 from lxml import etree
 from twisted.internet import defer
-from twisted.logger import Logger
+from ..logs import logger
 
 from ..interfaces import IPortMappingService
 from ..iwf import errors
@@ -73,7 +73,7 @@ class _Call:
 class Control:
     """The actions of one tunnel's IGD, served as IGD ``version`` (1 or 2)."""
 
-    _log = Logger()
+    _log = logger(__name__)
 
     def __init__(self, iwf: IPortMappingService, version: int, reactor, *,
                  specs: Mapping[tuple[str, int], ServiceSpec] | None = None,

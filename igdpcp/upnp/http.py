@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
-from twisted.logger import Logger
+from ..logs import logger
 from twisted.web import resource, server
 
 from ..interfaces import IPortMappingService
@@ -97,7 +97,7 @@ class UPnPResource(resource.Resource):
     """
 
     isLeaf = True
-    _log = Logger()
+    _log = logger(__name__)
 
     def __init__(self, models: Mapping[int, Device], iwf: IPortMappingService,
                  caller_for: Callable[[server.Request], Caller | None], reactor, *,

@@ -1,0 +1,86 @@
+"""igdpcp's config: defaults, a full example, and one-line errors naming the key."""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from igdpcp import config, logs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ParseTests(SynchronousTestCase):
+    def test_defaults(self):
+        c = config.parse({})
+        self.assertEqual(c.igd_version, 1)
+        self.assertEqual(c.tunnels, ())
+        self.assertEqual([s.name for s in c.servers], ["cgn"])
+
+    def test_example_file(self):
+        c = config.load(os.path.join(REPO, "examples", "demo.toml"))
+        self.assertEqual([t.third_party_id for t in c.tunnels], [b"\x00\x03\xe9", b"\x00\x03\xea"])
+        self.assertEqual({t.address for t in c.tunnels}, {"192.168.1.1"})
+        self.assertEqual(c.policy.quota, 64)
+
+    def assertKeyError(self, data, key):
+        with self.assertRaises(config.ConfigError) as e:
+            config.parse(data)
+        message = str(e.exception)
+        self.assertTrue(message.startswith(key + ":"), message)
+        self.assertNotIn("\n", message)
+
+    def test_errors_name_the_key(self):
+        tunnel = {"interface": "tun1", "address": "192.168.1.1", "third_party_id": "vxlan:1"}
+        cases = [
+            ({"igd": {"version": 3}}, "igd.version"),
+            ({"igd": {"http_port": "80"}}, "igd.http_port"),
+            ({"igd": {"colour": 1}}, "igd.colour"),
+            ({"pcp": {"servers": {"a": {"address": "nowhere"}}}}, "pcp.servers.a.address"),
+            ({"pcp": {"servers": {"a": {}}}}, "pcp.servers.a.address"),
+            ({"leases": {"min": 500, "max": 100}}, "leases.min"),
+            ({"policy": {"rules": ["permit everything"]}}, "policy.rules[0]"),
+            ({"store": {"synchronous": "sometimes"}}, "store.synchronous"),
+            ({"log": {"level": "loud"}}, "log.level"),
+            ({"privacy": {"key": "abcd"}}, "privacy.key"),
+            ({"tunnels": [dict(tunnel, third_party_id="vxlan:x")]}, "tunnels[0].third_party_id"),
+            ({"tunnels": [dict(tunnel, third_party_id="vxlan:16777216")]}, "tunnels[0].third_party_id"),
+            ({"tunnels": [tunnel, dict(tunnel)]}, "tunnels[1].name"),
+            ({"tunnels": [dict(tunnel, server="other")]}, "tunnels[0].server"),
+            ({"tunnels": [{"interface": "tun1", "address": "192.168.1.1"}]}, "tunnels[0].third_party_id"),
+            ({"tunnels": [dict(tunnel, address="192.168.1.300")]}, "tunnels[0].address"),
+        ]
+        for data, key in cases:
+            self.assertKeyError(data, key)
+
+    def test_twistd_prints_one_line(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write("[leases]\nmax = -1\n")
+        env = dict(os.environ, PYTHONPATH=REPO)
+        proc = subprocess.run([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "igdpcp",
+                               "--config", f.name], capture_output=True, text=True, env=env,
+                              timeout=60)
+        os.unlink(f.name)
+        self.assertNotEqual(proc.returncode, 0)
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        self.assertEqual(lines, ["igdpcp: leases.max: must be between 1 and 2147483648"])
+
+
+class LogLevelTests(SynchronousTestCase):
+    def test_level_filters_igdpcp_loggers(self):
+        seen = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        self.addCleanup(logs.set_level, "info")
+        log = logs.logger("igdpcp.test")
+        logs.set_level("warn")
+        log.info("hidden")
+        log.warn("shown")
+        logs.set_level("debug")
+        log.debug("shown too")
+        texts = [e["log_format"] for e in seen if e.get("log_namespace") == "igdpcp.test"]
+        self.assertEqual(texts, ["shown", "shown too"])
+        self.assertEqual(seen[-1]["log_level"], LogLevel.debug)
