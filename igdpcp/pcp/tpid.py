@@ -41,22 +41,21 @@ TECHNOLOGIES = {
 }
 
 
-def encode(kind: str, value: int) -> bytes:
-    """The THIRD_PARTY_ID for tunnel technology ``kind`` with identifier ``value``."""
+def _width(kind: str) -> int:
     try:
-        width, _where = TECHNOLOGIES[kind]
+        return TECHNOLOGIES[kind][0]
     except KeyError:
         raise ValueError(f"unknown tunnel technology {kind!r}") from None
-    return _bits(kind, value, width)
+
+
+def encode(kind: str, value: int) -> bytes:
+    """The THIRD_PARTY_ID for tunnel technology ``kind`` with identifier ``value``."""
+    return _bits(kind, value, _width(kind))
 
 
 def decode(kind: str, data: bytes) -> int:
     """Inverse of :func:`encode`."""
-    try:
-        width, _where = TECHNOLOGIES[kind]
-    except KeyError:
-        raise ValueError(f"unknown tunnel technology {kind!r}") from None
-    return _unbits(kind, data, width)
+    return _unbits(kind, data, _width(kind))
 
 
 def vxlan_vni(vni: int) -> bytes:
