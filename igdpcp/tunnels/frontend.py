@@ -15,6 +15,7 @@ from ipaddress import ip_address
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.web.client import Agent
 from ..logs import logger
 
 from ..subscriber import Caller, Subscriber
@@ -23,7 +24,7 @@ from ..upnp.description import igd_models
 from ..upnp.device import ROOT_DESC_PATH
 from ..upnp.http import UPnPResource, make_site
 from ..upnp.ssdp_protocol import AdvertiseSchedule, SSDPProtocol
-from .listeners import listen_ssdp, listen_tcp
+from .listeners import DeviceEndpointFactory, listen_ssdp, listen_tcp
 
 log = logger(__name__)
 
@@ -72,7 +73,8 @@ class TunnelFrontEnd(Service):
         self.ports: list = []
         self.ssdp: SSDPProtocol | None = None
         self.managers: dict = {}
-        self.sender = gena_http.NotifySender(reactor, bind_address=address)
+        agent = Agent.usingEndpointFactory(reactor, DeviceEndpointFactory(reactor, interface))
+        self.sender = gena_http.NotifySender(reactor, agent)
 
     def caller_for(self, request) -> Caller | None:
         try:

@@ -12,7 +12,11 @@ from __future__ import annotations
 import socket
 import struct
 
-from twisted.internet import tcp, udp
+from twisted.internet import defer, tcp, udp
+from twisted.internet.endpoints import _WrappingFactory
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 SSDP_GROUP = "239.255.255.250"
@@ -78,3 +82,62 @@ def listen_ssdp(reactor, protocol, *, device: str) -> DeviceUDPPort:
     listening = DeviceUDPPort(SSDP_PORT, protocol, device=device, group=SSDP_GROUP, reactor=reactor)
     listening.startListening()
     return listening
+
+
+class _DeviceClient(tcp.Client):
+    def __init__(self, host, port, bindAddress, connector, reactor, device):
+        self.device = device
+        super().__init__(host, port, bindAddress, connector, reactor)
+
+    def createInternetSocket(self):
+        sock = super().createInternetSocket()
+        _bind_to_device(sock, self.device)
+        return sock
+
+
+class _DeviceConnector(tcp.Connector):
+    def __init__(self, host, port, factory, timeout, reactor, device):
+        super().__init__(host, port, factory, timeout, None, reactor)
+        self.device = device
+
+    def _makeTransport(self):
+        return _DeviceClient(self.host, self.port, None, self, self.reactor, self.device)
+
+
+@implementer(IStreamClientEndpoint)
+class DeviceTCPClientEndpoint:
+    """An outgoing TCP connection that leaves by ``device`` whatever the routing
+    table says: GENA NOTIFYs must reach the subscriber on its own tunnel even
+    when every tunnel has the same addresses (notes/lab.md section 3)."""
+
+    def __init__(self, reactor, host: str, port: int, device: str, timeout: float = 30):
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.device = device
+        self.timeout = timeout
+
+    def connect(self, protocolFactory):
+        try:
+            wrapping = _WrappingFactory(protocolFactory)
+            _DeviceConnector(self.host, self.port, wrapping, self.timeout, self.reactor,
+                             self.device).connect()
+            return wrapping._onConnection
+        except BaseException:
+            return defer.fail()
+
+
+@implementer(IAgentEndpointFactory)
+class DeviceEndpointFactory:
+    """For ``Agent.usingEndpointFactory``: every request leaves by ``device``."""
+
+    def __init__(self, reactor, device: str, timeout: float = 10):
+        self.reactor = reactor
+        self.device = device
+        self.timeout = timeout
+
+    def endpointForURI(self, uri):
+        if uri.scheme != b"http":
+            raise ValueError("only http callbacks")
+        return DeviceTCPClientEndpoint(self.reactor, uri.host.decode("ascii"), uri.port,
+                                       self.device, self.timeout)

@@ -1,0 +1,142 @@
+"""Device-bound sockets with identical addresses on two tunnels (real veth, root needed).
+
+Two root-namespace veth ends both carry 10.77.0.1/24; behind each, a
+subscriber namespace is 10.77.0.10.  A TCP listener bound to each device
+must see only its own subscriber, SSDP multicast must arrive on the right
+socket and be answered through the same tunnel, and an outgoing connection
+bound to tunnel 2 must reach subscriber 2, although the main routing table
+would send it by tunnel 1.
+"""
+
+import subprocess
+
+from twisted.internet import defer, protocol, reactor, threads
+from twisted.trial.unittest import TestCase
+
+from igdpcp.tunnels.listeners import DeviceTCPClientEndpoint, DeviceUDPPort, listen_tcp
+
+from . import netlab
+
+SEARCH = (b"M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: \"ssdp:discover\"\r\n"
+          b"MX: 1\r\nST: ssdp:all\r\n\r\n")
+
+
+class Tagger(protocol.Protocol):
+    """Answers every connection with its tunnel's tag and the peer address."""
+
+    def connectionMade(self):
+        peer = self.transport.getPeer().host
+        self.transport.write(f"{self.factory.tag} {peer}\n".encode())
+        self.transport.loseConnection()
+
+
+class SSDPEcho(protocol.DatagramProtocol):
+    def __init__(self, tag):
+        self.tag = tag
+        self.seen = []
+
+    def datagramReceived(self, data, addr):
+        self.seen.append(addr)
+        self.transport.write(f"HTTP/1.1 200 OK\r\nX-TUNNEL: {self.tag}\r\n\r\n".encode(), addr)
+
+
+class Collect(protocol.Protocol):
+    def connectionMade(self):
+        self.data = b""
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason):
+        self.factory.done.callback(self.data)
+
+
+class OverlappingTunnelTests(TestCase):
+    @classmethod
+    def setUpClass(cls):
+        netlab.skip_unless_netns("python3")
+        cls.lab = lab = netlab.Lab("ltn")
+        try:
+            cls.devices, cls.subs = [], []
+            for i in (1, 2):
+                ns = lab.netns(f"s{i}")
+                dev = lab.root_ifname(f"t{i}")
+                lab.veth((None, dev, "10.77.0.1/24"), (ns, "eth0", "10.77.0.10/24"))
+                lab.ip("route", "add", "default", "via", "10.77.0.1", ns=ns)
+                cls.devices.append(dev)
+                cls.subs.append(ns)
+        except BaseException:
+            lab.teardown()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.lab.teardown()
+
+    def in_ns(self, ns, code):
+        return subprocess.run(["ip", "netns", "exec", ns, "python3", "-c", code],
+                              capture_output=True, text=True, timeout=20)
+
+    def test_tcp_listeners_see_only_their_tunnel(self):
+        ports = []
+        for i, dev in enumerate(self.devices, 1):
+            factory = protocol.Factory.forProtocol(Tagger)
+            factory.tag = f"tunnel{i}"
+            ports.append(listen_tcp(reactor, 0 if not ports else ports[0].getHost().port,
+                                    factory, device=dev, interface="10.77.0.1"))
+        for p in ports:
+            self.addCleanup(p.stopListening)
+        port = ports[0].getHost().port
+        code = (f"import socket; s=socket.create_connection(('10.77.0.1', {port}), 3); "
+                "print(s.recv(100).decode().strip())")
+
+        def both():
+            return [self.in_ns(ns, code).stdout.strip() for ns in self.subs]
+
+        d = threads.deferToThread(both)
+
+        def check(answers):
+            self.assertEqual(answers, ["tunnel1 10.77.0.10", "tunnel2 10.77.0.10"])
+        return d.addCallback(check)
+
+    def test_ssdp_multicast_answered_through_its_tunnel(self):
+        echoes = []
+        for i, dev in enumerate(self.devices, 1):
+            echo = SSDPEcho(f"tunnel{i}")
+            port = DeviceUDPPort(1900, echo, device=dev, group="239.255.255.250", reactor=reactor)
+            port.startListening()
+            self.addCleanup(port.stopListening)
+            echoes.append(echo)
+        code = ("import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3); "
+                "s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 2); "
+                f"s.sendto({SEARCH!r}, ('239.255.255.250', 1900)); print(s.recv(200).decode())")
+
+        def search():
+            return [self.in_ns(ns, code).stdout for ns in self.subs]
+
+        d = threads.deferToThread(search)
+
+        def check(answers):
+            self.assertIn("X-TUNNEL: tunnel1", answers[0])
+            self.assertIn("X-TUNNEL: tunnel2", answers[1])
+            self.assertEqual([len(e.seen) for e in echoes], [1, 1])
+        return d.addCallback(check)
+
+    @defer.inlineCallbacks
+    def test_outgoing_connection_leaves_by_its_tunnel(self):
+        # A listener in subscriber 2 only; the main table would route 10.77.0.10 via tunnel 1.
+        server = self.lab.spawn(self.subs[1], ["python3", "-c", (
+            "import socket; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+            "s.bind(('10.77.0.10', 18765)); s.listen(); c, a = s.accept(); c.sendall(b'subscriber2'); c.close()")],
+            name="listener")
+        self.lab.wait_listening(self.subs[1], 18765, "tcp", proc=server)
+        factory = protocol.Factory.forProtocol(Collect)
+        factory.done = defer.Deferred()
+        endpoint = DeviceTCPClientEndpoint(reactor, "10.77.0.10", 18765, self.devices[1], timeout=3)
+        yield endpoint.connect(factory)
+        data = yield factory.done
+        self.assertEqual(data, b"subscriber2")
+        # Bound to tunnel 1, the same address is subscriber 1, where nothing listens.
+        endpoint = DeviceTCPClientEndpoint(reactor, "10.77.0.10", 18765, self.devices[0], timeout=3)
+        with self.assertRaises(Exception):
+            yield endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
