@@ -340,6 +340,16 @@ class DeleteAndReadTests(IWFTestCase):
         self.pump(120)
         self.assertFalse(self.drive(self.iwf.connection_status(caller)))
 
+    def test_release_subscriber_deletes_only_its_mappings(self):
+        self.add(SUB1)
+        self.add(SUB1, port=18082, internal_port=8082)
+        self.add(SUB2, port=18081)
+        self.assertEqual(self.iwf.release_subscriber(SUB1), 2)
+        self.pump(1, step=0.01)
+        self.assertEqual([h[0] for h in self.held()], ["0003ea"])
+        self.assertEqual(self.iwf.mapping_count(SUB1), 0)
+        self.assertEqual(len(self.store.rows), 1)
+
     def test_observers(self):
         seen = []
         self.iwf.add_observer(SUB1, seen.append)

@@ -433,6 +433,20 @@ class InterworkingFunction:
         if observer in observers:
             observers.remove(observer)
 
+    def release_subscriber(self, subscriber) -> int:
+        """The subscriber is gone for good (its tunnel stayed down past the grace
+        time): delete all its mappings on the CGN and locally.  RFC 6970 section
+        5.10's rapid recovery, carrier analogue (iwf.md E.27)."""
+        table = self.tables.get(subscriber.tunnel)
+        records = table.records() if table else []
+        for record in records:
+            self._remove(record)
+            self._delete_on_cgn(record)
+        self.tables.pop(subscriber.tunnel, None)
+        self.external_cache.pop(subscriber.tunnel, None)
+        self.stats["subscribers_released"] += 1
+        return len(records)
+
     # ------------------------------------------------------------ from the keeper
     def renewed(self, record: MappingRecord, result) -> None:
         self._seen(record.server)
