@@ -74,10 +74,18 @@ class IMappingStore(Interface):
 
 
 class IThirdPartyIdSource(Interface):
-    """Finds the THIRD_PARTY_ID of a tunnel (static table, the interface itself, AAA)."""
+    """Finds the THIRD_PARTY_ID of a tunnel (static table, the interface itself, AAA).
+
+    Providers are in :mod:`igdpcp.tunnels.idsource` (and ``tunnels.radius``).
+    """
 
     def third_party_id(tunnel):
-        """Fires with the THIRD_PARTY_ID bytes for ``tunnel`` (a tunnel description)."""
+        """Fires with the THIRD_PARTY_ID octets (1..1016) for ``tunnel``, a
+        ``tunnels.idsource.TunnelInfo``, or fails with an ``IdUnavailable``
+        (never a guessed ID: the IWF then answers 501 and sends no PCP request)."""
+
+    def forget(tunnel):
+        """Drop anything cached about ``tunnel`` (it went away). Stateless sources do nothing."""
 
 
 class IServerSelector(Interface):
