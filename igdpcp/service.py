@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 
 from twisted.application.service import MultiService, Service
+from twisted.internet import defer
 
 from .config import Config
 from .iwf.core import InterworkingFunction
@@ -18,7 +20,7 @@ from .iwf.exchange import CallBound
 from .iwf.store import SQLiteStore
 from .logs import set_level
 from .pcp.client import PCPClient, ServerAddress
-from .subscriber import Subscriber, set_pseudonym_key
+from .subscriber import set_pseudonym_key
 from .tunnels.frontend import FrontEndSettings, TunnelFrontEnd
 
 
@@ -87,7 +89,7 @@ def make_service(reactor, config: Config) -> MultiService:
         boot_id=int(time.time()) & 0x7FFFFFFF,  # UDA 1.1: grows with every boot
     )
     for tunnel in config.tunnels:
-        subscriber = Subscriber(tunnel.name, tunnel.third_party_id, tunnel.server)
-        TunnelFrontEnd(reactor, core.iwf, subscriber, tunnel.interface, tunnel.address,
-                       settings).setServiceParent(top)
+        TunnelFrontEnd(reactor, core.iwf, tunnel.name, tunnel.interface, tunnel.address, settings,
+                       server=tunnel.server,
+                       third_party_id=partial(defer.succeed, tunnel.third_party_id)).setServiceParent(top)
     return top

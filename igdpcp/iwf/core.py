@@ -196,7 +196,7 @@ class InterworkingFunction:
                             self._add, caller, request, any_port)
 
     async def _add(self, caller, req, any_port):
-        sub = caller.subscriber
+        sub = _identified(caller.subscriber)
         table = self._table(sub.tunnel)
         client_address = req.internal_client if req.internal_client is not None else caller.address
         self.policy.check_client(caller.address, client_address)
@@ -318,7 +318,7 @@ class InterworkingFunction:
 
     async def _probe(self, caller, key):
         """RFC 6970 section 5.7 probe; the answer is 714 whichever way it goes."""
-        sub = caller.subscriber
+        sub = _identified(caller.subscriber)
         internal_tuple = (caller.address, key.protocol, key.external_port)
         table = self._table(sub.tunnel)
         if table.by_tuple(internal_tuple) is None and key.external_port:
@@ -391,7 +391,7 @@ class InterworkingFunction:
         return self._locked(caller, "TCP", DISCARD_PORT, self._probe_address, caller)
 
     async def _probe_address(self, caller):
-        sub = caller.subscriber
+        sub = _identified(caller.subscriber)
         internal_tuple = (caller.address, "TCP", DISCARD_PORT)
         nonce = self.probes.setdefault((sub.tunnel, internal_tuple), new_nonce())
         spec = MapSpec(nonce, PROTOCOL_NUMBERS["TCP"], caller.address, DISCARD_PORT,
@@ -495,6 +495,13 @@ class InterworkingFunction:
             self.exact_refused.add(body.nonce)
             self.client.delete(server, pending[1]).addErrback(
                 lambda f: self.stats.update(["background_delete_failed"]))
+
+
+def _identified(subscriber):
+    """Never send a PCP request without the subscriber's THIRD_PARTY_ID (RFC 7843 section 3.1)."""
+    if not subscriber.third_party_id:
+        raise ServerFailure("no THIRD_PARTY_ID for this tunnel")
+    return subscriber
 
 
 def _reportable_or_none(address):

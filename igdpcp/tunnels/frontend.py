@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Callable
 from functools import partial
 from ipaddress import ip_address
 
@@ -57,18 +58,27 @@ def upnp_values(state: dict, version: int) -> dict:
 
 
 class TunnelFrontEnd(Service):
-    """The UPnP face of one subscriber tunnel (interface ``interface``, our ``address``)."""
+    """The UPnP face of one subscriber tunnel (interface ``interface``, our ``address``).
 
-    def __init__(self, reactor, iwf, subscriber: Subscriber, interface: str, address: str,
-                 settings: FrontEndSettings):
+    ``third_party_id()`` returns a Deferred firing with the tunnel's ID; it is
+    asked for each control request (a static or link ID answers at once, an
+    AAA one from its cache), so an ID source that fails makes that request fail
+    with 501 and no PCP request goes out without the right ID.
+    """
+
+    def __init__(self, reactor, iwf, tunnel: str, interface: str, address: str,
+                 settings: FrontEndSettings, *, server: str,
+                 third_party_id: Callable[[], defer.Deferred]):
         self.reactor = reactor
         self.iwf = iwf
-        self.subscriber = subscriber
+        # Names the subscriber for tables, state and events; carries no ID.
+        self.subscriber = Subscriber(tunnel, b"", server)
+        self.third_party_id = third_party_id
         self.interface = interface
         self.address = address
         self.settings = settings
-        self.setName(f"tunnel:{subscriber.tunnel}")
-        self.models = igd_models(settings.igd_version, settings.udn_secret, subscriber.tunnel,
+        self.setName(f"tunnel:{tunnel}")
+        self.models = igd_models(settings.igd_version, settings.udn_secret, tunnel,
                                  settings.friendly_name)
         self.ports: list = []
         self.ssdp: SSDPProtocol | None = None
@@ -77,10 +87,20 @@ class TunnelFrontEnd(Service):
         self.sender = gena_http.NotifySender(reactor, agent)
 
     def caller_for(self, request) -> Caller | None:
+        """The control point of a GENA request: no ID needed."""
         try:
             return Caller(self.subscriber, ip_address(request.getClientAddress().host))
         except (AttributeError, ValueError):
             return None
+
+    def control_caller_for(self, request) -> defer.Deferred | None:
+        """The control point of a SOAP request, with the tunnel's THIRD_PARTY_ID."""
+        caller = self.caller_for(request)
+        if caller is None:
+            return None
+        tunnel, server = self.subscriber.tunnel, self.subscriber.server
+        return self.third_party_id().addCallback(
+            lambda value: Caller(Subscriber(tunnel, value, server), caller.address))
 
     def _event_resources(self) -> dict:
         resources = {}
@@ -110,7 +130,7 @@ class TunnelFrontEnd(Service):
     def startService(self):
         super().startService()
         s = self.settings
-        resource = UPnPResource(self.models, self.iwf, self.caller_for, self.reactor,
+        resource = UPnPResource(self.models, self.iwf, self.control_caller_for, self.reactor,
                                 event_resources=self._event_resources())
         self.ports.append(listen_tcp(self.reactor, s.http_port, make_site(resource),
                                      device=self.interface, interface=self.address))

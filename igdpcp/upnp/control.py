@@ -119,14 +119,17 @@ class Control:
         }
         self._check_coverage()
 
-    def handle(self, caller: Caller, service_name: str, soapaction: str | bytes | None,
+    def handle(self, caller: Caller | defer.Deferred, service_name: str, soapaction: str | bytes | None,
                body: bytes) -> defer.Deferred:
         """A whole control request -> Deferred[Reply]; never fails."""
         try:
             request = soap.parse_request(body, soapaction)
         except soap.SoapError as exc:
             return defer.succeed(Reply(500, soap.build_fault(exc.code, ERROR_NAMES[exc.code])))
-        d = self.call(caller, service_name, request.service_type, request.action, request.args)
+        # ``caller`` may be a Deferred: the tunnel's ID can come from AAA (its failure is a fault).
+        d = defer.maybeDeferred(lambda: caller)
+        d.addCallback(lambda c: self.call(c, service_name, request.service_type, request.action,
+                                          request.args))
         d.addCallback(lambda out: Reply(200, soap.build_response(request.service_type, request.action, out)))
         d.addErrback(self._fault_reply)
         return d
