@@ -8,7 +8,7 @@ a bad one raises :class:`ConfigError` whose message starts with the key, e.g.
 
 from __future__ import annotations
 
-import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from ipaddress import ip_address
@@ -58,6 +58,8 @@ class Config:
     log_level: str = "info"
     privacy_key: bytes | None = field(default=None, repr=False)
     tunnels: tuple = ()
+    dynamic: object = None  # tunnels.manager.DynamicTunnels, or None
+    ids: dict = field(default_factory=dict, repr=False)  # the [ids] table, for idsource.make_source
 
 
 def _err(key: str, message: str) -> ConfigError:
@@ -109,7 +111,8 @@ def load(path: str) -> Config:
 
 
 def parse(data: dict) -> Config:
-    _unknown_keys(data, {"igd", "pcp", "leases", "policy", "store", "log", "privacy", "tunnels"}, "")
+    _unknown_keys(data, {"igd", "pcp", "leases", "policy", "store", "log", "privacy", "tunnels",
+                         "dynamic", "ids"}, "")
     d = Config()
     igd = _table(data, "igd")
     _unknown_keys(igd, {"version", "friendly_name", "http_port", "advertise_interval"}, "igd.")
@@ -148,6 +151,8 @@ def parse(data: dict) -> Config:
             raise _err("privacy.key", "must be at least 16 octets (32 hex digits)")
     else:
         key_bytes = None
+    if data.get("dynamic") and not data.get("ids"):
+        raise _err("ids.source", "missing: [dynamic] tunnels need an ID source")
     return Config(
         igd_version=_typed(igd, "version", "igd.", int, d.igd_version,
                            lambda v: None if v in (1, 2) else "must be 1 or 2"),
@@ -170,6 +175,8 @@ def parse(data: dict) -> Config:
                          lambda v: None if v in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}"),
         privacy_key=key_bytes,
         tunnels=_tunnels(data, {s.name for s in servers}),
+        dynamic=_dynamic(data, [s.name for s in servers]),
+        ids=_ids(data),
     )
 
 
@@ -249,3 +256,42 @@ def _tunnels(data: dict, server_names: set) -> tuple:
     return tuple(out)
 
 
+
+
+def _dynamic(data: dict, server_names: list):
+    """``[dynamic]``: interfaces matching ``pattern`` are tunnels, found at run time."""
+    from .tunnels.manager import DynamicTunnels
+
+    table = _table(data, "dynamic")
+    if not table:
+        return None
+    _unknown_keys(table, {"pattern", "address", "server", "grace"}, "dynamic.")
+    if "pattern" not in table:
+        raise _err("dynamic.pattern", "missing")
+    text = _typed(table, "pattern", "dynamic.", str, None)
+    try:
+        pattern = re.compile(text)
+    except re.error as e:
+        raise _err("dynamic.pattern", f"not a regular expression: {e}") from None
+    server = _typed(table, "server", "dynamic.", str, sorted(server_names)[0])
+    if server not in server_names:
+        raise _err("dynamic.server", f"no PCP server named {server!r} in [pcp.servers]")
+    return DynamicTunnels(
+        pattern=pattern,
+        address=_typed(table, "address", "dynamic.", str, None, _address),
+        server=server,
+        grace=_typed(table, "grace", "dynamic.", float, 300.0, _range(0, 30 * 86400)),
+    )
+
+
+def _ids(data: dict) -> dict:
+    """``[ids]``: where dynamic tunnels' THIRD_PARTY_IDs come from (checked by make_source)."""
+    from .tunnels.idsource import make_source
+
+    table = _table(data, "ids")
+    if table and table.get("source") != "radius":
+        try:
+            make_source(table)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return table

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import os
 import time
-from functools import partial
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer
 
 from .config import Config
 from .iwf.core import InterworkingFunction
@@ -21,7 +19,10 @@ from .iwf.store import SQLiteStore
 from .logs import set_level
 from .pcp.client import PCPClient, ServerAddress
 from .subscriber import set_pseudonym_key
-from .tunnels.frontend import FrontEndSettings, TunnelFrontEnd
+from .tunnels.frontend import FrontEndSettings
+from .tunnels.idsource import make_source
+from .tunnels.manager import TunnelManager
+from .tunnels.netlink import LinkWatcher
 
 
 def privacy_key(config: Config) -> bytes:
@@ -88,8 +89,32 @@ def make_service(reactor, config: Config) -> MultiService:
         advertise_interval=config.advertise_interval,
         boot_id=int(time.time()) & 0x7FFFFFFF,  # UDA 1.1: grows with every boot
     )
-    for tunnel in config.tunnels:
-        TunnelFrontEnd(reactor, core.iwf, tunnel.name, tunnel.interface, tunnel.address, settings,
-                       server=tunnel.server,
-                       third_party_id=partial(defer.succeed, tunnel.third_party_id)).setServiceParent(top)
+    ids = make_source(config.ids, reactor) if config.ids else None
+    manager = TunnelManager(reactor, core.iwf, settings, ids, dynamic=config.dynamic,
+                            static={t.interface: t for t in config.tunnels})
+    manager.setServiceParent(top)
+    WatcherService(LinkWatcher(reactor, manager), ids).setServiceParent(top)
     return top
+
+
+class WatcherService(Service):
+    """Feeds netlink link events to the tunnel manager (static tunnels too, so a
+    re-created interface is re-bound), and runs the ID source if it has a socket."""
+
+    name = "links"
+
+    def __init__(self, watcher: LinkWatcher, ids):
+        self.watcher = watcher
+        self.ids = ids
+
+    def startService(self):
+        super().startService()
+        if hasattr(self.ids, "start"):
+            self.ids.start()
+        self.watcher.start()
+
+    def stopService(self):
+        super().stopService()
+        self.watcher.stop()
+        if hasattr(self.ids, "stop"):
+            return self.ids.stop()
