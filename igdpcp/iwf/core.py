@@ -168,8 +168,8 @@ class InterworkingFunction:
             self.keeper.cancel(old)
         table.put(record)
         self.keeper.schedule(record)
-        self._learn_address(record.subscriber.tunnel, record.external_address)
-        self._notify(record.subscriber.tunnel)
+        learned = self._learn_address(record.subscriber.tunnel, record.external_address)
+        self._notify(record.subscriber.tunnel, external_address=learned)
 
     def _remove(self, record: MappingRecord) -> None:
         table = self.tables.get(record.subscriber.tunnel)
@@ -179,12 +179,14 @@ class InterworkingFunction:
         self.keeper.cancel(record)
         self._notify(record.subscriber.tunnel)
 
-    def _learn_address(self, tunnel: str, address) -> None:
+    def _learn_address(self, tunnel: str, address) -> bool:
+        """Remember the subscriber's external address; True when it changed (an event is due)."""
         table = self._table(tunnel)
-        if address is not None and address != table.external_address:
-            table.external_address = address
-            self.external_cache.pop(tunnel, None)
-            self._notify(tunnel, external_address=True)
+        if address is None or address == table.external_address:
+            return False
+        table.external_address = address
+        self.external_cache.pop(tunnel, None)
+        return True
 
     # ------------------------------------------------------------ add
     def add_mapping(self, caller, request, any_port=False):
@@ -402,6 +404,8 @@ class InterworkingFunction:
         address = result.external_address if is_reportable(result.external_address) else None
         if address is None:
             log.warn("CGN gave a reserved external address; not reporting it to subscribers")
+        if self._learn_address(sub.tunnel, result.external_address):
+            self._notify(sub.tunnel, external_address=True)
         self.external_cache[sub.tunnel] = (address, self.reactor.seconds())
         return address
 
@@ -474,6 +478,9 @@ class InterworkingFunction:
     def server_state_lost(self, server):
         self.stats["state_loss_events"] += 1
         self.external_cache.clear()
+        for table in self.tables.values():
+            if not len(table):
+                table.external_address = None  # learned by a probe; ask again
         records = [r for t in self.tables.values() for r in t.records() if r.server == server]
         log.info("PCP server {server} lost state: re-creating {n} mappings", server=server, n=len(records))
         # RFC 6887 section 14.1.3: wait a random 0-5 s, then re-issue requests.

@@ -109,12 +109,19 @@ def parse_request(body: bytes, soapaction: str | bytes | None) -> SoapRequest:
     return SoapRequest(qname.namespace, qname.localname, args)
 
 
+# Out-arguments that carry an XML document (A_ARG_TYPE_PortListing).  miniupnpc
+# copies element text without unescaping it, so these go as CDATA, as miniupnpd
+# sends them; lxml has escaped every ">" in the document, so "]]>" cannot occur.
+CDATA_ARGUMENTS = frozenset({"NewPortListing"})
+
+
 def build_response(service_type: str, action: str, out_args: list[tuple[str, str]]) -> bytes:
     """``<u:ActionResponse xmlns:u=serviceType>`` with unqualified out-arguments in order."""
     envelope, body = _envelope()
     response = etree.SubElement(body, f"{{{service_type}}}{action}Response", nsmap={"u": service_type})
     for name, value in out_args:
-        etree.SubElement(response, name).text = xml_safe(value)
+        text = xml_safe(value)
+        etree.SubElement(response, name).text = etree.CDATA(text) if name in CDATA_ARGUMENTS else text
     return _XML_DECL + etree.tostring(envelope)
 
 
