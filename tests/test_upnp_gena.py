@@ -656,7 +656,7 @@ class EndToEndTests(TestCase):
         self.assertEqual((yield defer.gatherResults(delivered)), [True])
 
         status, _ = yield self.raw(reactor, http_port, (
-            f"GET /evt/IPConn HTTP/1.1\r\nHOST: 127.0.0.1\r\nConnection: close\r\n\r\n").encode())
+            "GET /evt/IPConn HTTP/1.1\r\nHOST: 127.0.0.1\r\nConnection: close\r\n\r\n").encode())
         self.assertEqual(status, "HTTP/1.1 405 Method Not Allowed")
         status, _ = yield self.raw(reactor, http_port, (
             f"UNSUBSCRIBE /evt/IPConn HTTP/1.1\r\nHOST: 127.0.0.1\r\nSID: {sid}\r\n"
