@@ -350,6 +350,20 @@ class DeleteAndReadTests(IWFTestCase):
         self.assertEqual(self.iwf.mapping_count(SUB1), 0)
         self.assertEqual(len(self.store.rows), 1)
 
+    def test_connection_status_is_evented(self):
+        seen = []
+        self.iwf.add_observer(SUB1, seen.append)
+        self.assertTrue(self.iwf.state(SUB1)["connected"])
+        self.clock.silent = True
+        self.iwf.connection_status(Caller(SUB1, HOST))
+        self.pump(120)
+        self.assertIn({"connected": False}, seen)
+        self.assertFalse(self.iwf.state(SUB1)["connected"])
+        self.clock.silent = False
+        self.assertTrue(self.drive(self.iwf.connection_status(Caller(SUB1, HOST))))
+        self.assertEqual(seen[-1], {"connected": True})
+        self.assertTrue(self.iwf.state(SUB1)["connected"])
+
     def test_observers(self):
         seen = []
         self.iwf.add_observer(SUB1, seen.append)

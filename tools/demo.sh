@@ -38,6 +38,9 @@ for i in 1 2; do
   echo "  subscriber $i: 192.168.1.10 on eth0 <-> igdpcp 192.168.1.1 on tun$i"
 done
 
+say "Host setup: kernel replies (RST, ICMP) stay in their own tunnel (policy routing by mark)"
+ip netns exec "$IWF" python3 -m igdpcp.tunnels.hostsetup --apply tun1 tun2
+
 say "Starting the lab CGN (twistd pcplab) and igdpcp (twistd igdpcp)"
 ip netns exec "$IWF" env PYTHONPATH="$PWD" twistd -n --pidfile= --logfile="$WORK/pcplab.log" pcplab --config examples/pcplab.toml &
 PIDS+=($!)

@@ -78,6 +78,7 @@ class InterworkingFunction:
         self.stats: Counter = Counter()
         self.tables: dict[str, SubscriberTable] = {}
         self.observers: dict[str, list] = {}
+        self.observed_server: dict[str, str] = {}  # tunnel -> its PCP server, for ConnectionStatus
         self.locks: dict[tuple, defer.DeferredLock] = {}
         self.probes: dict[tuple, bytes] = {}  # (tunnel, internal tuple) -> nonce of an undeleted probe
         # nonce -> (server, spec) of PREFER_FAILURE requests awaiting an answer (see mapping_update)
@@ -132,6 +133,8 @@ class InterworkingFunction:
 
     def _seen(self, server: str) -> None:
         self.server_seen[server] = self.reactor.seconds()
+        if server in self.server_down:
+            self.server_reachable(server)
 
     def current(self, record: MappingRecord) -> MappingRecord | None:
         """The table's live version of ``record`` (None once removed or replaced)."""
@@ -374,12 +377,14 @@ class InterworkingFunction:
         return len(table) if table else 0
 
     def state(self, subscriber) -> dict:
-        """The subscriber's evented values now: mappings, update_id, external_address."""
+        """The subscriber's evented values now: mappings, update_id, external_address, connected."""
         table = self.tables.get(subscriber.tunnel)
+        connected = subscriber.server not in self.server_down
         if table is None:
-            return {"mappings": 0, "update_id": 0, "external_address": None}
+            return {"mappings": 0, "update_id": 0, "external_address": None, "connected": connected}
         return {"mappings": len(table), "update_id": table.update_id,
-                "external_address": _reportable_or_none(table.external_address)}
+                "external_address": _reportable_or_none(table.external_address),
+                "connected": connected}
 
     # ------------------------------------------------------------ connection
     def external_address(self, caller):
@@ -411,8 +416,6 @@ class InterworkingFunction:
 
     def connection_status(self, caller):
         server = caller.subscriber.server
-        if server in self.server_down:
-            return defer.succeed(False)
         seen = self.server_seen.get(server)
         if seen is not None and self.reactor.seconds() - seen < LIVENESS_TTL:
             return defer.succeed(True)
@@ -424,6 +427,8 @@ class InterworkingFunction:
 
         def silent(failure):
             failure.trap(PCPTimeout)
+            if server not in self.server_down:
+                self.server_unreachable(server)  # also an evented ConnectionStatus change
             return False
 
         return d.addCallbacks(answered, silent)
@@ -431,6 +436,7 @@ class InterworkingFunction:
     # ------------------------------------------------------------ observers
     def add_observer(self, subscriber, observer):
         self.observers.setdefault(subscriber.tunnel, []).append(observer)
+        self.observed_server[subscriber.tunnel] = subscriber.server
 
     def remove_observer(self, subscriber, observer):
         observers = self.observers.get(subscriber.tunnel, [])
@@ -488,10 +494,19 @@ class InterworkingFunction:
 
     def server_unreachable(self, server):
         self.server_down.add(server)
+        self._notify_connection(server, False)
 
     def server_reachable(self, server):
         self.server_down.discard(server)
         self._seen(server)
+        self._notify_connection(server, True)
+
+    def _notify_connection(self, server: str, connected: bool) -> None:
+        """ConnectionStatus is evented: tell the subscribers of that server."""
+        for tunnel, observers in list(self.observers.items()):
+            if self.observed_server.get(tunnel) == server:
+                for observer in list(observers):
+                    observer({"connected": connected})
 
     def mapping_update(self, server, result):
         self.stats["mapping_updates"] += 1

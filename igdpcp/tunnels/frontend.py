@@ -31,7 +31,7 @@ log = logger(__name__)
 
 # IWF state names -> WANIPConnection evented variables (igd.md section 2).
 _EVENTED = {"mappings": "PortMappingNumberOfEntries", "update_id": "SystemUpdateID",
-            "external_address": "ExternalIPAddress"}
+            "external_address": "ExternalIPAddress", "connected": "ConnectionStatus"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +53,8 @@ def upnp_values(state: dict, version: int) -> dict:
         name = _EVENTED.get(key)
         if name is None or (name == "SystemUpdateID" and version < 2):
             continue
+        if name == "ConnectionStatus":
+            value = "Connected" if value else "Disconnected"
         out[name] = "" if value is None else value
     return out
 
@@ -68,12 +70,13 @@ class TunnelFrontEnd(Service):
 
     def __init__(self, reactor, iwf, tunnel: str, interface: str, address: str,
                  settings: FrontEndSettings, *, server: str,
-                 third_party_id: Callable[[], defer.Deferred]):
+                 third_party_id: Callable[[], defer.Deferred], announce_spread: float = 0.1):
         self.reactor = reactor
         self.iwf = iwf
         # Names the subscriber for tables, state and events; carries no ID.
         self.subscriber = Subscriber(tunnel, b"", server)
         self.third_party_id = third_party_id
+        self.announce_spread = announce_spread  # first NOTIFY set after random 0..this s
         self.interface = interface
         self.address = address
         self.settings = settings
@@ -116,9 +119,7 @@ class TunnelFrontEnd(Service):
     def _initial_state(self, service_name: str) -> dict:
         if service_name == "WANCommonInterfaceConfig":
             return {"PhysicalLinkStatus": "Up"}
-        values = {"PossibleConnectionTypes": "IP_Routed",
-                  "ConnectionStatus": "Disconnected" if self.subscriber.server in self.iwf.server_down
-                  else "Connected"}
+        values = {"PossibleConnectionTypes": "IP_Routed"}
         values.update(upnp_values(self.iwf.state(self.subscriber), self.settings.igd_version))
         return values
 
@@ -128,20 +129,30 @@ class TunnelFrontEnd(Service):
             gena_http.publish(manager, self.sender, upnp_values(changes, self.settings.igd_version))
 
     def startService(self):
-        super().startService()
+        """Open both listeners or neither (a failed bind, e.g. EMFILE, leaves nothing behind)."""
         s = self.settings
         resource = UPnPResource(self.models, self.iwf, self.control_caller_for, self.reactor,
                                 event_resources=self._event_resources())
-        self.ports.append(listen_tcp(self.reactor, s.http_port, make_site(resource),
-                                     device=self.interface, interface=self.address))
         location = f"http://{self.address}:{s.http_port}{ROOT_DESC_PATH}"
-        self.ssdp = SSDPProtocol(self.reactor, self.models[s.igd_version], location,
-                                 random=random.SystemRandom(), boot_id=s.boot_id,
-                                 advertise=AdvertiseSchedule(interval=s.advertise_interval))
-        self.ports.append(listen_ssdp(self.reactor, self.ssdp, device=self.interface))
+        self.ssdp = SSDPProtocol(
+            self.reactor, self.models[s.igd_version], location, random=random.SystemRandom(),
+            boot_id=s.boot_id, advertise=AdvertiseSchedule(
+                interval=s.advertise_interval, initial_delay_max=self.announce_spread))
+        try:
+            self.ports.append(listen_tcp(self.reactor, s.http_port, make_site(resource),
+                                         device=self.interface, interface=self.address))
+            self.ports.append(listen_ssdp(self.reactor, self.ssdp, device=self.interface))
+        except Exception:
+            for port in self.ports:
+                port.stopListening()
+            self.ports = []
+            raise
+        super().startService()
         self.iwf.add_observer(self.subscriber, self._changed)
 
     def stopService(self):
+        if not self.running:
+            return None
         super().stopService()
         self.iwf.remove_observer(self.subscriber, self._changed)
         ports, self.ports = self.ports, []

@@ -25,6 +25,9 @@ from .netlink import LinkState
 
 log = logger(__name__)
 
+# Tunnels per second whose first NOTIFY sets may go out (10,000 tunnels: over 5 s).
+ANNOUNCE_TUNNELS_PER_SECOND = 2000
+
 
 @dataclass(frozen=True, slots=True)
 class DynamicTunnels:
@@ -55,7 +58,8 @@ class TunnelManager(MultiService):
         self.ifindex: dict[str, int] = {}
         self.infos: dict[str, TunnelInfo] = {}
         self.grace: dict = {}  # tunnel name -> IDelayedCall
-        self.counters = {"started": 0, "stopped": 0, "rebound": 0, "returned": 0, "released": 0}
+        self.counters = {"started": 0, "failed": 0, "stopped": 0, "rebound": 0, "returned": 0,
+                         "released": 0}
 
     # -- which interfaces are tunnels
     def _tunnel(self, state: LinkState):
@@ -118,11 +122,21 @@ class TunnelManager(MultiService):
                 return defer.succeed(static.third_party_id)
             return defer.maybeDeferred(self.ids.third_party_id, info)
 
+        # Spread the first NOTIFY sets: at start-up thousands of tunnels come at once.
+        spread = max(0.1, len(self.fronts) / ANNOUNCE_TUNNELS_PER_SECOND)
         front = self.front_end(self.reactor, self.iwf, name, state.name, address, self.settings,
-                               server=server, third_party_id=third_party_id)
+                               server=server, third_party_id=third_party_id,
+                               announce_spread=spread)
+        try:
+            front.setServiceParent(self)
+        except Exception as e:
+            front.disownServiceParent()
+            self.counters["failed"] += 1
+            log.error("tunnel {tunnel}: cannot listen ({error}); will retry when the link changes",
+                      tunnel=pseudonym(name), error=e)
+            return
         self.fronts[state.name] = front
         self.ifindex[state.name] = state.ifindex
-        front.setServiceParent(self)
         self.counters["started"] += 1
         log.info("tunnel {tunnel} up", tunnel=pseudonym(name))
 
