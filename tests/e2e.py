@@ -9,7 +9,13 @@ joined to ``iwf`` by a veth pair with IDENTICAL addressing (notes/lab.md 2)::
     default via 192.168.1.1                                   pcplab PCP 127.0.0.1:5351,
                                                               admin JSON 127.0.0.1:5380
 
-Tunnel ``tun<i>`` carries THIRD_PARTY_ID ``vxlan:<1000+i>``.  The configs are
+Tunnel ``tun<i>`` carries THIRD_PARTY_ID ``vxlan:<1000+i>``.  With ``link="vxlan"`` the
+tunnels are real VXLAN instead (notes/lab.md 2): an underlay netns ``acc`` with bridge
+``br0``, a veth ``ul0`` from ``iwf`` (10.99.0.1) and from each ``s<i>`` (10.99.0.<10+i>)
+into it, and on top ``vxlan<1000+i>`` in ``iwf`` / ``eth0`` in ``s<i>`` with VNI 1000+i and
+the same overlay addressing.  With ``dynamic`` the tunnels are not listed in igdpcp's
+config: igdpcp finds them by name pattern over netlink, and ``ids`` (TOML text, the
+``[ids]`` table) says where their THIRD_PARTY_IDs come from.  The configs are
 written per topology into the lab's work directory from the templates below,
 with a fresh mapping store, so topologies never share state.  ``teardown`` (also
 run at exit) kills only the processes this topology started and deletes only
@@ -102,6 +108,17 @@ def vni(i: int) -> int:
     return 1000 + i
 
 
+UNDERLAY = "10.99.0"  # VXLAN underlay /24: iwf .1, subscriber i .(10+i)
+VXLAN_PORT = 4789
+
+DYNAMIC_TEMPLATE = """
+[dynamic]
+pattern = {pattern}
+address = "{address}"
+grace = {grace}
+"""
+
+
 def third_party_id_hex(i: int) -> str:
     """Subscriber ``i``'s THIRD_PARTY_ID as the CGN's operator view shows it: the 24-bit VNI
     as VXLAN carries it (RFC 7348 section 5), in hex; written out here, not taken from igdpcp."""
@@ -114,7 +131,17 @@ class Topology:
 
     def __init__(self, prefix: str, *, subscribers: int = 2, igd_version: int = 1,
                  soap_deadline: float = 4.0, pcp_lifetime: int = 3600,
-                 pool=("5.5.5.5/32",), max_lifetime: int = 3600):
+                 pool=("5.5.5.5/32",), max_lifetime: int = 3600, link: str = "veth",
+                 dynamic: dict | None = None, ids: str = "", third_party_ids: dict | None = None,
+                 before_igdpcp=None):
+        """``link``: "veth" (``tun<i>``) or "vxlan" (``vxlan<1000+i>``, see the module doc).
+        ``dynamic``: None for static ``[[tunnels]]``, else the ``[dynamic]`` table's ``pattern``
+        and ``grace`` (address: 192.168.1.1); ``ids``: TOML text appended to igdpcp's config
+        (the ``[ids]`` table).  ``third_party_ids``: subscriber -> the ID in hex the CGN must
+        show, where it is not :func:`third_party_id_hex`.  ``before_igdpcp(topology)`` runs
+        once the namespaces and the CGN are up, before igdpcp starts."""
+        if link not in ("veth", "vxlan"):
+            raise ValueError(f"link must be 'veth' or 'vxlan', not {link!r}")
         self.prefix = prefix
         self.count = subscribers
         self.igd_version = igd_version
@@ -122,12 +149,27 @@ class Topology:
         self.pcp_lifetime = pcp_lifetime
         self.pool = list(pool)
         self.max_lifetime = max_lifetime
+        self.link = link
+        self.dynamic = dynamic
+        self.ids = ids
+        self.third_party_ids = dict(third_party_ids or {})
+        self.before_igdpcp = before_igdpcp
         self.lab: netlab.Lab | None = None
         self.iwf = ""
+        self.acc = ""  # the VXLAN underlay netns
         self.subs: dict[int, str] = {}
+        self.ifindexes: dict[int, int] = {}  # subscriber -> ifindex of its latest tunnel interface
         self.pcplab: netlab.Process | None = None
         self.igdpcp: netlab.Process | None = None
         self._igdpcp_runs = 0
+
+    def ifname(self, i: int) -> str:
+        """Subscriber ``i``'s tunnel interface in ``iwf``."""
+        return f"vxlan{vni(i)}" if self.link == "vxlan" else f"tun{i}"
+
+    def tpid_hex(self, i: int) -> str:
+        """The THIRD_PARTY_ID (hex) the CGN must show for subscriber ``i``."""
+        return self.third_party_ids.get(i) or third_party_id_hex(i)
 
     # ------------------------------------------------------------ life cycle
     def start(self) -> "Topology":
@@ -143,21 +185,107 @@ class Topology:
     def _build(self) -> None:
         lab = self.lab
         self.iwf = lab.netns("iwf")
+        if self.link == "vxlan":
+            self.acc = lab.netns("acc")
+            lab.ip("link", "add", "br0", "type", "bridge", ns=self.acc)
+            lab.ip("link", "set", "br0", "up", ns=self.acc)
+            lab.veth((self.iwf, "ul0", f"{UNDERLAY}.1/24"), (self.acc, "p0", None))
+            lab.ip("link", "set", "p0", "master", "br0", ns=self.acc)
         for i in range(1, self.count + 1):
-            sub = self.subs[i] = lab.netns(f"s{i}")
-            lab.veth((self.iwf, f"tun{i}", f"{IWF_ADDRESS}/24"), (sub, "eth0", f"{SUBSCRIBER_ADDRESS}/24"))
-            lab.ip("route", "add", "default", "via", IWF_ADDRESS, ns=sub)
+            self.add_subscriber(i, tunnel=True)
         self.store = os.path.join(lab.workdir, "store", "mappings.sqlite")
+        if self.dynamic is None:
+            tunnels = "".join(TUNNEL_TEMPLATE.format(i=i, address=IWF_ADDRESS, vni=vni(i)) for i in self.subs)
+        else:
+            tunnels = DYNAMIC_TEMPLATE.format(pattern=json.dumps(self.dynamic["pattern"]), address=IWF_ADDRESS,
+                                              grace=self.dynamic.get("grace", 300))
         self.igdpcp_conf = self._write("igdpcp.toml", IGDPCP_TEMPLATE.format(
             igd_version=self.igd_version, http_port=HTTP_PORT, soap_deadline=self.soap_deadline,
-            pcp_lifetime=self.pcp_lifetime, store=self.store) + "".join(
-            TUNNEL_TEMPLATE.format(i=i, address=IWF_ADDRESS, vni=vni(i)) for i in self.subs))
+            pcp_lifetime=self.pcp_lifetime, store=self.store) + tunnels + self.ids)
         self.pcplab_conf = self._write("pcplab.toml", PCPLAB_TEMPLATE.format(
             admin=ADMIN, pool=json.dumps(self.pool), max_lifetime=self.max_lifetime))
         self.pcplab = lab.spawn(self.iwf, self._twistd("pcplab", self.pcplab_conf), name="pcplab")
         lab.wait_listening(self.iwf, 5351, "udp", proc=self.pcplab)
         lab.wait_listening(self.iwf, 5380, "tcp", proc=self.pcplab)
+        if self.before_igdpcp is not None:
+            self.before_igdpcp(self)
         self.start_igdpcp()
+
+    # ------------------------------------------------------------ subscribers and their tunnels
+    def add_subscriber(self, i: int, *, tunnel: bool = True) -> str:
+        """Create subscriber ``i``'s namespace and its side of the link (also at run time);
+        with ``tunnel`` also the ``iwf`` side (:meth:`add_tunnel`).  Returns the namespace."""
+        lab = self.lab
+        sub = self.subs[i] = lab.netns(f"s{i}")
+        if self.link == "vxlan":
+            lab.veth((sub, "ul0", f"{UNDERLAY}.{10 + i}/24"), (self.acc, f"p{i}", None))
+            lab.ip("link", "set", f"p{i}", "master", "br0", ns=self.acc)
+            lab.ip("link", "add", "eth0", "type", "vxlan", "id", str(vni(i)), "local", f"{UNDERLAY}.{10 + i}",
+                   "remote", f"{UNDERLAY}.1", "dstport", str(VXLAN_PORT), "dev", "ul0", ns=sub)
+            lab.ip("addr", "add", f"{SUBSCRIBER_ADDRESS}/24", "dev", "eth0", ns=sub)
+            lab.ip("link", "set", "eth0", "up", ns=sub)
+            lab.ip("route", "add", "default", "via", IWF_ADDRESS, ns=sub)
+            if tunnel:
+                self.add_tunnel(i)
+        else:
+            if not tunnel:
+                raise ValueError("a veth subscriber's link is created with its tunnel")
+            self.add_tunnel(i)
+        return sub
+
+    def add_tunnel(self, i: int) -> int:
+        """Create (or re-create) subscriber ``i``'s tunnel interface in ``iwf``, up and addressed
+        (a veth link re-creates the subscriber's ``eth0`` too).  Returns its ifindex."""
+        lab, name, sub = self.lab, self.ifname(i), self.subs[i]
+        if self.link == "vxlan":
+            lab.ip("link", "add", name, "type", "vxlan", "id", str(vni(i)), "local", f"{UNDERLAY}.1",
+                   "remote", f"{UNDERLAY}.{10 + i}", "dstport", str(VXLAN_PORT), "dev", "ul0", ns=self.iwf)
+            lab.ip("link", "set", name, "up", ns=self.iwf)
+            lab.ip("addr", "add", f"{IWF_ADDRESS}/24", "dev", name, ns=self.iwf)
+        else:
+            lab.veth((self.iwf, name, f"{IWF_ADDRESS}/24"), (sub, "eth0", f"{SUBSCRIBER_ADDRESS}/24"))
+            lab.ip("route", "replace", "default", "via", IWF_ADDRESS, ns=sub)
+        self.ifindexes[i] = self.ifindex(i)
+        return self.ifindexes[i]
+
+    def delete_tunnel(self, i: int) -> None:
+        """Delete subscriber ``i``'s tunnel interface in ``iwf`` (the subscriber session ends)."""
+        self.lab.ip("link", "del", "dev", self.ifname(i), ns=self.iwf)
+
+    def ifindex(self, i: int) -> int:
+        return json.loads(self.lab.ip("-j", "link", "show", "dev", self.ifname(i), ns=self.iwf))[0]["ifindex"]
+
+    def link_details(self, i: int) -> dict:
+        """``ip -j -d link show`` of subscriber ``i``'s tunnel interface in ``iwf``."""
+        return json.loads(self.lab.ip("-j", "-d", "link", "show", "dev", self.ifname(i), ns=self.iwf))[0]
+
+    def listening_on(self) -> set[str]:
+        """The interfaces igdpcp has both its HTTP and its SSDP listener bound to (``ss``);
+        a socket still bound to a deleted interface shows as ``if<ifindex>``."""
+        tcp = self.lab.run(self.iwf, ["ss", "-Hltn", f"sport = :{HTTP_PORT}"], check=False).stdout
+        udp = self.lab.run(self.iwf, ["ss", "-Hlun", "sport = :1900"], check=False).stdout
+        bound = re.compile(r"%([^:\s]+):")
+        return set(bound.findall(tcp)) & set(bound.findall(udp))
+
+    def tunnel_listening(self, i: int) -> bool:
+        """Whether igdpcp listens on subscriber ``i``'s tunnel, or still on its last
+        interface (a deleted interface's sockets show as ``%if<ifindex>`` in ``ss``)."""
+        bound = self.listening_on()
+        return self.ifname(i) in bound or f"if{self.ifindexes.get(i)}" in bound
+
+    def wait_tunnel(self, i: int, up: bool = True, timeout: float = 10.0) -> float:
+        """Poll until igdpcp listens (``up``) on subscriber ``i``'s tunnel, or (not ``up``) no
+        longer listens on it nor on its deleted predecessor; returns the seconds it took.
+        Raises RuntimeError on timeout."""
+        start = time.monotonic()
+        while self.tunnel_listening(i) != up:
+            if self.igdpcp is not None and not self.igdpcp.running():
+                raise RuntimeError(f"igdpcp exited ({self.igdpcp.popen.returncode}):\n{self.igdpcp_log()}")
+            if time.monotonic() - start > timeout:
+                raise RuntimeError(f"igdpcp {'not listening' if up else 'still listening'} on "
+                                   f"{self.ifname(i)} after {timeout} s:\n{self.igdpcp_log()[-4000:]}")
+            time.sleep(0.05)
+        return time.monotonic() - start
 
     def _write(self, name: str, text: str) -> str:
         path = os.path.join(self.lab.workdir, name)
@@ -179,7 +307,7 @@ class Topology:
         while True:
             tcp = self.lab.run(self.iwf, ["ss", "-Hltn", f"sport = :{HTTP_PORT}"], check=False).stdout
             udp = self.lab.run(self.iwf, ["ss", "-Hlun", "sport = :1900"], check=False).stdout
-            if all(f"%tun{i}:" in tcp and f"%tun{i}:" in udp for i in self.subs):
+            if all(f"%{self.ifname(i)}:" in tcp and f"%{self.ifname(i)}:" in udp for i in self.subs):
                 return self.igdpcp
             if not self.igdpcp.running():
                 raise RuntimeError(f"igdpcp exited ({self.igdpcp.popen.returncode}):\n{self.igdpcp_log()}")
@@ -222,7 +350,7 @@ class Topology:
         for m in self.admin("/mappings"):
             if m["internal_port"] == 9:
                 continue
-            if i is not None and m["third_party_id"] != third_party_id_hex(i):
+            if i is not None and m["third_party_id"] != self.tpid_hex(i):
                 continue
             if all(m.get(k) == v for k, v in match.items()):
                 out.append(m)
@@ -341,7 +469,7 @@ class TopologyCase(unittest.TestCase):
         self.assertEqual(len(found), 1, f"subscriber {i} {internal_port}/{protocol} on the CGN: "
                                         f"{json.dumps(self.topo.admin('/mappings'), indent=1)}")
         m = found[0]
-        self.assertEqual(m["third_party_id"], third_party_id_hex(i))
+        self.assertEqual(m["third_party_id"], self.topo.tpid_hex(i))
         self.assertEqual(m["internal_address"], SUBSCRIBER_ADDRESS)
         self.assertEqual(m["external_address"], "5.5.5.5")
         self.assertGreater(m["lifetime"], 0)

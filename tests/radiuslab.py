@@ -3,12 +3,15 @@
 Copies ``/etc/freeradius/3.0`` into a temporary directory, binds every listener
 to 127.0.0.1 on ports free right now (auth, acct, inner-tunnel), sets a random
 client secret, prepends ``users`` to the ``files`` module's authorize file and
-runs ``freeradius -X -d DIR`` in the foreground.  :meth:`stop` kills only that
-PID and removes the directory.  Skips unless root and freeradius is installed.
+runs ``freeradius -X -d DIR`` in the foreground, in the current network namespace or,
+with ``start(netns=NAME)``, inside that one (``ip netns exec`` execs, so the PID is
+still freeradius's).  :meth:`stop` kills only that PID and removes the directory
+(also at exit, should a test runner skip it).  Skips unless root and freeradius is installed.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import secrets
@@ -120,12 +123,16 @@ class FreeRadius:
         with open(path, "w", encoding="utf-8") as f:
             f.write(new)
 
-    def start(self, timeout: float = 10.0) -> None:
+    def start(self, timeout: float = 10.0, netns: str | None = None) -> None:
+        """Configure and start; returns once the server is ready.  ``netns``: run it inside
+        that network namespace (its 127.0.0.1), e.g. the one igdpcp runs in."""
+        atexit.register(self.stop)
         try:
             self._configure()
+            prefix = ["ip", "netns", "exec", netns] if netns else []
             with open(self.log_path, "wb") as log:
-                self.proc = subprocess.Popen(["freeradius", "-X", "-d", self.conf], stdin=subprocess.DEVNULL,
-                                             stdout=log, stderr=subprocess.STDOUT)
+                self.proc = subprocess.Popen(prefix + ["freeradius", "-X", "-d", self.conf],
+                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
             end = time.monotonic() + timeout
             while READY not in self.log():
                 if self.proc.poll() is not None or time.monotonic() > end:
@@ -157,6 +164,7 @@ class FreeRadius:
                 self.proc.wait(timeout=5)
 
     def stop(self) -> None:
+        atexit.unregister(self.stop)
         self.kill()
         if not os.environ.get("IGDPCP_NETLAB_KEEP"):
             shutil.rmtree(self.dir, ignore_errors=True)
