@@ -3,17 +3,21 @@
 Subscriber sessions come and go at run time; their tunnel interfaces appear
 and disappear with them.  :class:`LinkWatcher` turns rtnetlink messages into
 plain :class:`LinkState` values and hands them to a handler; it owns no
-policy.  The pyroute2 socket is read by the reactor (it is a plain netlink
-socket), so there is no thread.
+policy.  Events come on a plain non-blocking netlink socket read by the
+reactor until it is empty, and are decoded with pyroute2's marshal: pyroute2's
+own ``IPRoute.get()`` buffers several kernel messages and returns one, which
+left a new tunnel's address event waiting for some unrelated event.
 """
 
 from __future__ import annotations
 
+import errno
 import socket
 from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 from twisted.internet.interfaces import IReadDescriptor
 from zope.interface import implementer
 
@@ -23,6 +27,7 @@ from .idsource import tunnel_info_from_msg
 log = logger(__name__)
 
 IFF_UP = 0x1
+RECEIVE_BUFFER = 8 << 20  # room for the burst of events when thousands of tunnels appear
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,15 +51,28 @@ class LinkWatcher:
     def __init__(self, reactor, handler, *, ipr_factory=IPRoute):
         self.reactor = reactor
         self.handler = handler
-        self.ipr_factory = ipr_factory
-        self.ipr = None
+        self.ipr_factory = ipr_factory  # for the initial dump
+        self.sock: socket.socket | None = None
+        self.marshal = MarshalRtnl()
         self.links: dict[int, LinkState] = {}
         self.addresses: dict[int, set[str]] = {}
 
     # -- lifecycle
     def start(self) -> None:
-        self.ipr = self.ipr_factory()
-        self.ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR)
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock  # subscribed before the dump, so nothing falls in between
+        self.resync()
+        self.reactor.addReader(self)
+
+    def resync(self) -> None:
+        """Replay the kernel's current links and addresses (at start, and after an overrun)."""
         dump = self.ipr_factory()
         try:
             for msg in dump.get_addr(family=socket.AF_INET):
@@ -63,17 +81,16 @@ class LinkWatcher:
                 self._link(msg)
         finally:
             dump.close()
-        self.reactor.addReader(self)
 
     def stop(self) -> None:
-        if self.ipr is not None:
+        if self.sock is not None:
             self.reactor.removeReader(self)
-            self.ipr.close()
-            self.ipr = None
+            self.sock.close()
+            self.sock = None
 
     # -- IReadDescriptor
     def fileno(self) -> int:
-        return self.ipr.fileno() if self.ipr is not None else -1
+        return self.sock.fileno() if self.sock is not None else -1
 
     def logPrefix(self) -> str:
         return "LinkWatcher"
@@ -82,11 +99,22 @@ class LinkWatcher:
         log.warn("netlink socket lost: {reason}", reason=reason)
 
     def doRead(self):
-        for msg in self.ipr.get():
+        while self.sock is not None:
             try:
-                self.dispatch(msg)
-            except Exception:
-                log.failure("netlink event failed")
+                data = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+                log.warn("netlink events overran the socket buffer; re-reading all links")
+                self.resync()
+                continue
+            for msg in self.marshal.parse(data):
+                try:
+                    self.dispatch(msg)
+                except Exception:
+                    log.failure("netlink event failed")
 
     # -- events
     def dispatch(self, msg) -> None:
