@@ -13,6 +13,8 @@ demo; it cannot tell overlapping tunnels apart.
 
 from __future__ import annotations
 
+import errno
+
 import ipaddress
 from collections import Counter
 from dataclasses import dataclass
@@ -54,6 +56,10 @@ class AdvertiseSchedule:
             raise ValueError("jitter must be (low, high) with 0 <= low <= high")
         if self.interval is not None and self.interval - high <= self.repeat_gap * self.repeats:
             raise ValueError("interval must exceed the jitter and the repeated sets")
+
+
+# The tunnel interface has gone (byebye "where still possible"): not worth a warning.
+_GONE = {errno.ENODEV, errno.ENXIO, errno.ENETDOWN}
 
 
 class SSDPProtocol(DatagramProtocol):
@@ -194,7 +200,8 @@ class SSDPProtocol(DatagramProtocol):
             transport.write(data, addr)
         except OSError as e:  # a full buffer or a vanished interface must not stop the rest
             self.counters["send_failed"] += 1
-            self.log.warn("SSDP send failed: {error}", error=e)
+            if self.counters["send_failed"] == 1 and e.errno not in _GONE:
+                self.log.warn("SSDP send failed: {error}", error=e)  # once: counters say the rest
             return
         self.counters["sent"] += 1
 
