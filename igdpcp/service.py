@@ -21,7 +21,7 @@ from .iwf.exchange import CallBound
 from .iwf.store import SQLiteStore
 from .logs import logger, set_level
 from .pcp.client import PCPClient, ServerAddress
-from .subscriber import set_pseudonym_key
+from .subscriber import pseudonym, set_pseudonym_key
 from .tunnels import hostsetup
 from .tunnels.frontend import FrontEndSettings
 from .tunnels.idsource import make_source
@@ -147,7 +147,14 @@ class WatcherService(Service):
         gc.freeze()
         if self.static_interfaces:
             d = threads.deferToThread(hostsetup.startup_warnings, self.static_interfaces)
-            d.addCallback(lambda lines: [log.warn("{line}", line=line) for line in lines])
+            d.addCallback(self._warn_private)
+
+    def _warn_private(self, lines) -> None:
+        """Interface names can carry tunnel IDs (vxlan1001): the log gets pseudonyms."""
+        for line in lines:
+            for name in sorted(self.static_interfaces, key=len, reverse=True):
+                line = line.replace(name, pseudonym(name))
+            log.warn("{line}", line=line)
 
     def stopService(self):
         super().stopService()

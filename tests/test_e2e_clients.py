@@ -20,7 +20,7 @@ import unittest
 
 from lxml import etree
 
-from .e2e import SUBSCRIBER_ADDRESS, TCP, UDP, WANIP2, TopologyCase, add_args, listed, upnp_error
+from .e2e import IWF_ADDRESS, SUBSCRIBER_ADDRESS, TCP, UDP, WANIP2, TopologyCase, add_args, listed, upnp_error
 
 GI_PYTHON = "/usr/bin/python3"  # Debian's, with python3-gi and gir1.2-gupnpigd-1.0
 
@@ -54,6 +54,28 @@ class UpnpcTests(TopologyCase):
         self.assertEqual(self.topo.cgn_mappings(1), [])
         self.assertEqual(upnp_error(self.topo.soap(1, "GetGenericPortMappingEntry", [
             ("NewPortMappingIndex", "0")])), 713, "the IWF still lists the deleted mapping")
+
+    def test_identifiers_stay_private(self):
+        """Neither the THIRD_PARTY_ID nor the tunnel's name reaches a subscriber (SSDP,
+        description, SOAP answers and faults, headers) or igdpcp's log in clear."""
+        topo = self.topo
+        self.upnpc_ok(3, "-e", "privacy", "-a", SUBSCRIBER_ADDRESS, "8070", "18070", "TCP", "600")
+        secrets = [topo.tpid_hex(3), topo.ifname(3)]
+        seen = [answer for answer in topo.ssdp_search(3, st="ssdp:all")]
+        seen.append(str(topo.http(3, f"GET /rootDesc.xml HTTP/1.1\r\nHost: {IWF_ADDRESS}\r\n"
+                                     "Connection: close\r\n\r\n".encode())))
+        seen.append(str(topo.soap(3, "GetGenericPortMappingEntry", [("NewPortMappingIndex", "0")])))
+        seen.append(str(topo.soap(3, "AddPortMapping", add_args(18070, 8071))))  # a 718 fault
+        seen.append(str(topo.soap(3, "NoSuchAction")))
+        self.assertIn("privacy", seen[-3])  # the listing really came back
+        for text in seen:
+            for secret in secrets:
+                self.assertNotIn(secret, text)
+        log = topo.igdpcp_log()
+        self.assertIn("igdpcp", log)  # the log was read
+        for secret in secrets:
+            self.assertNotIn(secret, log)
+        self.upnpc_ok(3, "-d", "18070", "TCP")
 
     def test_redirect_list_and_lease_zero(self):
         """-r maps several ports to the caller at once; lease 0 (upnpc's default) is accepted."""
