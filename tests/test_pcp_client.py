@@ -247,6 +247,38 @@ class RetransmissionTests(ClientTestCase):
         self.assertGreater(len(set(values)), 150)
 
 
+class InFlightCapTests(ClientTestCase):
+    def setUp(self):
+        super().setUp()
+        self.client.max_in_flight = 2
+
+    def test_excess_waits_its_turn(self):
+        outs = [self.results(self.client.map("cgn", spec(port=8000 + i))) for i in range(4)]
+        self.assertEqual(len(self.clock.sent()), 2)
+        self.assertEqual(self.client.stats["queued"], 2)
+        self.clock.deliver(answer(self.clock.sent()[0]))
+        self.assertEqual(len(self.clock.sent()), 3)  # the third went out
+        self.assertTrue(outs[0][0].ok)
+        self.assertEqual([r.body.internal_port for r in self.clock.sent()], [8000, 8001, 8002])
+
+    def test_queued_request_keeps_its_deadline(self):
+        self.client.map("cgn", spec(port=8000))
+        self.client.map("cgn", spec(port=8001))
+        late = self.results(self.client.map("cgn", spec(port=8002), deadline=1.0))
+        self.pump(1.5)
+        late[0].trap(PCPTimeout)
+        self.assertEqual(late[0].value.sends, 0)
+        self.assertEqual(len(self.clock.sent()), 2)
+
+    def test_queued_request_can_be_superseded(self):
+        self.client.map("cgn", spec(port=8000))
+        self.client.map("cgn", spec(port=8001))
+        s = spec(port=8002)
+        first = self.results(self.client.map("cgn", s))
+        self.client.delete("cgn", s)
+        first[0].trap(PCPSuperseded)
+
+
 class ServerHealthTests(ClientTestCase):
     def test_unreachable_after_four_then_reachable(self):
         self.client.map("cgn", spec())

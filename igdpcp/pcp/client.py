@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 import random
-from collections import Counter
+import socket
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from typing import Callable
@@ -50,6 +51,10 @@ log = logger(__name__)
 
 # Lifetimes beyond this are treated as this (section 8.3 / 15: absurd values).
 LIFETIME_SANITY_CAP = 24 * 3600
+# Requests on the wire per server; more wait their turn (their deadlines still run), so a
+# burst of renewals or SOAP calls cannot overrun socket buffers into a retransmission storm.
+MAX_IN_FLIGHT = 256
+RECEIVE_BUFFER = 4 << 20
 
 
 def new_nonce() -> bytes:
@@ -124,6 +129,20 @@ class MapResult:
     @property
     def ok(self) -> bool:
         return self.result == ResultCode.SUCCESS
+
+
+def grow_receive_buffer(sock) -> None:
+    """Answers to a burst of requests arrive together; the default buffer holds ~190."""
+    if sock is None:
+        return
+    for option in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+        if option is None:
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, RECEIVE_BUFFER)
+            return
+        except OSError:
+            continue
 
 
 def _match_key(opcode: int, body, third_party: Address | None, tpid: bytes | None, own: Address):
@@ -201,9 +220,11 @@ class _Server:
         self.name = name
         self.address = address
         self.protocol = _ServerProtocol(self)
+        self.server_ip = ip_address(address.host)
         self.port = None
         self.own_address: Address | None = None
         self.pending: dict = {}
+        self.waiting: OrderedDict = OrderedDict()  # beyond MAX_IN_FLIGHT, oldest first
         self.epoch = EpochTracker()
         self.unreachable = False
 
@@ -211,11 +232,12 @@ class _Server:
         family6 = ip_address(self.address.host).version == 6
         interface = bind or ("::" if family6 else "0.0.0.0")
         self.port = reactor.listenUDP(0, self.protocol, interface=interface)
+        grow_receive_buffer(getattr(self.port, "socket", None))
         self.protocol.transport.connect(self.address.host, self.address.port)
         self.own_address = ip_address(self.port.getHost().host.split("%")[0])
 
     def stop(self):
-        for tx in list(self.pending.values()):
+        for tx in list(self.waiting.values()) + list(self.pending.values()):
             self.fail(tx, PCPTimeout(self.name, tx.sends))
         if self.port is not None:
             port, self.port = self.port, None
@@ -223,16 +245,29 @@ class _Server:
 
     # -- sending
     def submit(self, tx: _Transaction, deadline: float | None) -> None:
-        old = self.pending.pop(tx.key, None)
+        old = self.pending.pop(tx.key, None) or self.waiting.pop(tx.key, None)
         if old is not None:
             old.stop_timers()
             old.deferred.errback(PCPSuperseded())
-        self.pending[tx.key] = tx
-        reactor = self.client.reactor
+            self.admit()
         if deadline is not None:
-            tx.deadline_call = reactor.callLater(deadline, self.expire, tx)
+            tx.deadline_call = self.client.reactor.callLater(deadline, self.expire, tx)
+        if len(self.pending) >= self.client.max_in_flight:
+            self.waiting[tx.key] = tx
+            self.client.stats["queued"] += 1
+            return
+        self.launch(tx)
+
+    def launch(self, tx: _Transaction) -> None:
+        self.pending[tx.key] = tx
         tx.rt = tx.policy.first(self.client.rng)
         self.transmit(tx)
+
+    def admit(self) -> None:
+        """Put waiting requests on the wire while there is room."""
+        while self.waiting and len(self.pending) < self.client.max_in_flight:
+            _key, tx = self.waiting.popitem(last=False)
+            self.launch(tx)
 
     def transmit(self, tx: _Transaction) -> None:
         if self.port is None:
@@ -268,6 +303,9 @@ class _Server:
     def forget(self, tx: _Transaction) -> None:
         if self.pending.get(tx.key) is tx:
             del self.pending[tx.key]
+            self.admit()
+        elif self.waiting.get(tx.key) is tx:
+            del self.waiting[tx.key]
         tx.stop_timers()
 
     def fail(self, tx: _Transaction, failure: Exception) -> None:
@@ -279,7 +317,8 @@ class _Server:
     def received(self, data: bytes, addr) -> None:
         stats = self.client.stats
         host, port = addr[0], addr[1]
-        if port != self.address.port or ip_address(host.split("%")[0]) != ip_address(self.address.host):
+        if port != self.address.port or (host != self.address.host and ip_address(
+                host.split("%")[0]) != self.server_ip):
             stats["dropped_source"] += 1
             return
         try:
@@ -302,11 +341,11 @@ class _Server:
                      server=self.name, epoch=response.epoch)
             self.client.notify("server_state_lost", self.name)
         if response.opcode == Opcode.ANNOUNCE:
-            tx = self.pending.pop((Opcode.ANNOUNCE,), None)
+            tx = self.pending.get((Opcode.ANNOUNCE,))
             if tx is None:
                 stats["unsolicited_announce"] += 1
                 return
-            tx.stop_timers()
+            self.forget(tx)
             tx.deferred.callback(response)
             return
         if response.body is None:
@@ -323,8 +362,7 @@ class _Server:
             if response.opcode == Opcode.MAP:
                 self.client.notify("mapping_update", self.name, result)
             return
-        del self.pending[key]
-        tx.stop_timers()
+        self.forget(tx)
         stats[f"result_{result.result}"] += 1
         tx.deferred.callback(result)
 
@@ -372,9 +410,11 @@ class PCPClient:
     """
 
     def __init__(self, reactor, servers: dict[str, ServerAddress], *, bind: str | None = None,
-                 policy: RetransmitPolicy = RFC6887_DEFAULT, rng: random.Random | None = None):
+                 policy: RetransmitPolicy = RFC6887_DEFAULT, rng: random.Random | None = None,
+                 max_in_flight: int = MAX_IN_FLIGHT):
         self.reactor = reactor
         self.policy = policy
+        self.max_in_flight = max_in_flight
         self.rng = rng or random.Random()
         self.bind = bind
         self.stats: Counter = Counter()

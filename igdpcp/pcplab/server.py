@@ -12,6 +12,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from igdpcp.pcp.client import grow_receive_buffer
+
 from .cgn import LabCGN
 
 ANNOUNCE_FIRST_GAP = 0.25  # section 14.1.3: at least 250 ms, then doubling
@@ -42,6 +44,7 @@ class PCPLabServer(DatagramProtocol):
         self._announces = []  # pending IDelayedCalls
 
     def startProtocol(self):
+        grow_receive_buffer(getattr(self.transport, "socket", None))
         self._sweep.start(self._sweep_interval, now=False)
 
     def stopProtocol(self):
