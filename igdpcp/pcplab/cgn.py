@@ -9,6 +9,8 @@ port), so subscribers with overlapping private addresses stay apart
 
 from __future__ import annotations
 
+import functools
+
 import math
 import random
 import struct
@@ -130,6 +132,7 @@ def _error_lifetime(result: ResultCode, lifetime: int | None) -> int:
     return SHORT_ERROR_LIFETIME if cls is LifetimeClass.SHORT else LONG_ERROR_LIFETIME
 
 
+@functools.lru_cache(maxsize=4096)  # a handful of clients send most requests
 def _normalise(source) -> Address:
     """The packet's source as the codec decodes addresses (IPv4 unmapped, section 5)."""
     address = source if not isinstance(source, str) else ip_address(source)
