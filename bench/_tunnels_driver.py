@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import os
 import resource
@@ -37,9 +36,9 @@ from zope.interface import implementer  # noqa: E402
 
 from igdpcp.interfaces import IPortMappingService  # noqa: E402
 from igdpcp.iwf import errors  # noqa: E402
-from igdpcp.subscriber import Subscriber  # noqa: E402
 from igdpcp.tunnels import frontend as frontend_module  # noqa: E402
 from igdpcp.tunnels.frontend import FrontEndSettings, TunnelFrontEnd  # noqa: E402
+from igdpcp.tunnels.manager import ANNOUNCE_TUNNELS_PER_SECOND  # noqa: E402
 from igdpcp.upnp.ssdp_protocol import SSDPProtocol  # noqa: E402
 
 T_IMPORTED = time.monotonic()
@@ -50,7 +49,6 @@ class StubIWF:
     """Enough of the IWF for front ends that only advertise and answer searches."""
 
     def __init__(self):
-        self.server_down: set[str] = set()  # read by TunnelFrontEnd._initial_state (not in the interface)
         self.observers = 0
 
     def _nothing(self, *args, **kwargs):
@@ -84,12 +82,11 @@ class StubIWF:
 
 
 def make_front_end(iwf, name: str, i: int, address: str, settings):
-    """A TunnelFrontEnd for ``name`` (whichever constructor this igdpcp has)."""
+    """A TunnelFrontEnd for ``name``, its first NOTIFY set spread as TunnelManager spreads it."""
     tpid = b"\x00" + i.to_bytes(3, "big")
-    if "third_party_id" in inspect.signature(TunnelFrontEnd.__init__).parameters:
-        return TunnelFrontEnd(reactor, iwf, name, name, address, settings, server="default",
-                              third_party_id=lambda: defer.succeed(tpid))
-    return TunnelFrontEnd(reactor, iwf, Subscriber(name, tpid), name, address, settings)
+    return TunnelFrontEnd(reactor, iwf, name, name, address, settings, server="default",
+                          third_party_id=lambda: defer.succeed(tpid),
+                          announce_spread=max(0.1, i / ANNOUNCE_TUNNELS_PER_SECOND))
 
 
 def status(field: str) -> int:
@@ -118,8 +115,8 @@ def main() -> None:
     p.add_argument("--address", default="192.168.1.1")
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--stop", action="store_true", help="also time stopping every front end (byebye)")
-    p.add_argument("--gc-freeze", action="store_true",
-                   help="gc.freeze() after start-up (what-if: no full collections over the front ends)")
+    p.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                   help="skip the gc.freeze() igdpcp does after start-up (what-if)")
     args = p.parse_args()
     names = Path(args.names).read_text().split()
 

@@ -290,8 +290,8 @@ def main() -> None:
                    help="seconds the reactor runs after start-up (default %(default)s)")
     p.add_argument("--no-hostsetup", action="store_true")
     p.add_argument("--vxlan", action="store_true", help="also time creating N VXLAN devices")
-    p.add_argument("--gc-freeze", action="store_true",
-                   help="what-if: the driver calls gc.freeze() after start-up")
+    p.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                   help="what-if: skip the gc.freeze() igdpcp does after start-up")
     args = p.parse_args()
     reason = netlab.unavailable_reason()
     if reason:
@@ -306,7 +306,7 @@ def main() -> None:
         try:
             net = build(lab, n)
             done, probe = run_frontends(lab, net, args.duration,
-                                        ["--gc-freeze"] if args.gc_freeze else [])
+                                        [] if args.gc_freeze else ["--no-gc-freeze"])
             hsf = None if args.no_hostsetup else hostsetup_figures(lab, net, n)
             summaries.append(report(n, net, done, probe, hsf))
         finally:
