@@ -146,13 +146,8 @@ async def preload(iwf, count: int, subscribers: int = 2000, window: int = 128) -
 
 
 def freeze_after_full_collections() -> None:
-    """What-if for the GC finding (``--gc-freeze``): after every gen2 pass, move
-    the survivors to the permanent generation (gc.freeze), so later passes do
-    not scan the long-lived mapping state again.  Not something igdpcp does."""
+    """igdpcp's own garbage-collector policy (igdpcp.gcpolicy), as the service installs it."""
+    from twisted.internet import reactor
 
-    def callback(phase, info):
-        if phase == "stop" and info["generation"] == 2:
-            gc.freeze()
-
-    gc.freeze()
-    gc.callbacks.append(callback)
+    from igdpcp import gcpolicy
+    gcpolicy.install(reactor)

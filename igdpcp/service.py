@@ -7,7 +7,6 @@ before any tunnel listens.
 
 from __future__ import annotations
 
-import gc
 import os
 import resource
 import time
@@ -15,6 +14,7 @@ import time
 from twisted.application.service import MultiService, Service
 from twisted.internet import threads
 
+from . import gcpolicy
 from .config import Config
 from .iwf.core import InterworkingFunction
 from .iwf.exchange import CallBound
@@ -142,9 +142,8 @@ class WatcherService(Service):
         if hasattr(self.ids, "start"):
             self.ids.start()
         self.watcher.start()
-        # Front ends and their tables are long-lived: keep them out of the collector's
-        # full passes (a 1 s pause with 10,000 tunnels, bench/bench_tunnels.py).
-        gc.freeze()
+        # Front ends and mappings are long-lived: keep them out of the collector's passes.
+        self.gc_loop = gcpolicy.install(self.watcher.reactor)
         if self.static_interfaces:
             d = threads.deferToThread(hostsetup.startup_warnings, self.static_interfaces)
             d.addCallback(self._warn_private)
@@ -158,6 +157,7 @@ class WatcherService(Service):
 
     def stopService(self):
         super().stopService()
+        gcpolicy.uninstall(getattr(self, "gc_loop", None))
         self.watcher.stop()
         if hasattr(self.ids, "stop"):
             return self.ids.stop()
