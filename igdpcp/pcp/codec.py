@@ -165,25 +165,30 @@ OPTION_RULES: dict[int, _OptionRule] = {
 }
 
 
-def _decode_option_value(code: int, data: bytes) -> Option:
-    if code == OptionCode.THIRD_PARTY:
-        return ThirdParty(unpack_address(data))
-    if code == OptionCode.PREFER_FAILURE:
-        return PreferFailure()
-    if code == OptionCode.FILTER:
-        prefix_length, remote_port = struct.unpack_from("!xBH", data)
-        return Filter(prefix_length, remote_port, unpack_address(data[4:20]))
-    if code == OptionCode.THIRD_PARTY_ID:
-        return ThirdPartyId(data)
-    if code == OptionCode.DESCRIPTION:
-        try:
-            return Description(data.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise PCPDecodeError("option DESCRIPTION", "not UTF-8", ResultCode.MALFORMED_OPTION)
-    return UnknownOption(code, data)
+def _decode_filter(data: bytes) -> Filter:
+    prefix_length, remote_port = struct.unpack_from("!xBH", data)
+    return Filter(prefix_length, remote_port, unpack_address(data[4:20]))
+
+
+def _decode_description(data: bytes) -> Description:
+    try:
+        return Description(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise PCPDecodeError("option DESCRIPTION", "not UTF-8", ResultCode.MALFORMED_OPTION)
+
+
+# Option code -> decoder of its data (lengths already checked against OPTION_RULES).
+_OPTION_DECODERS = {
+    int(OptionCode.THIRD_PARTY): lambda data: ThirdParty(unpack_address(data)),
+    int(OptionCode.PREFER_FAILURE): lambda data: PreferFailure(),
+    int(OptionCode.FILTER): _decode_filter,
+    int(OptionCode.THIRD_PARTY_ID): ThirdPartyId,
+    int(OptionCode.DESCRIPTION): _decode_description,
+}
 
 
 _OPTION_HEADER = struct.Struct("!BxH")
+_RULES = {int(code): rule for code, rule in OPTION_RULES.items()}  # plain int keys: faster lookups
 
 
 def encode_options(options) -> bytes:
@@ -212,30 +217,27 @@ def decode_options(data: bytes, offset: int, opcode: int) -> tuple[Option, ...]:
         code, length = _OPTION_HEADER.unpack_from(data, offset)
         offset += OPTION_HEADER_SIZE
         padded = length + (-length % 4)
-        rule = OPTION_RULES.get(code)
-        name = rule.name if rule else str(code)
+        rule = _RULES.get(code)
         if offset + padded > end:
-            raise PCPDecodeError(
-                f"option {name}", f"length {length} overruns the message", ResultCode.MALFORMED_OPTION
-            )
+            raise PCPDecodeError(f"option {rule.name if rule else code}",
+                                 f"length {length} overruns the message", ResultCode.MALFORMED_OPTION)
         value = data[offset:offset + length]
         offset += padded
-        if rule is not None:
-            if opcode not in rule.opcodes:
-                raise PCPDecodeError(
-                    f"option {name}", f"not valid for opcode {opcode}", ResultCode.MALFORMED_OPTION
-                )
-            if rule.once:
-                if code in seen:
-                    raise PCPDecodeError(
-                        f"option {name}", "appears more than once", ResultCode.MALFORMED_OPTION
-                    )
-                seen.add(code)
-            if not rule.min_len <= length <= rule.max_len:
-                raise PCPDecodeError(
-                    f"option {name}", f"bad length {length}", ResultCode.MALFORMED_OPTION
-                )
-        options.append(_decode_option_value(code, value))
+        if rule is None:
+            options.append(UnknownOption(code, value))
+            continue
+        name = rule.name
+        if opcode not in rule.opcodes:
+            raise PCPDecodeError(f"option {name}", f"not valid for opcode {opcode}",
+                                 ResultCode.MALFORMED_OPTION)
+        if rule.once:
+            if code in seen:
+                raise PCPDecodeError(f"option {name}", "appears more than once",
+                                     ResultCode.MALFORMED_OPTION)
+            seen.add(code)
+        if not rule.min_len <= length <= rule.max_len:
+            raise PCPDecodeError(f"option {name}", f"bad length {length}", ResultCode.MALFORMED_OPTION)
+        options.append(_OPTION_DECODERS[code](value))
     return tuple(options)
 
 
