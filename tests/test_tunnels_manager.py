@@ -44,6 +44,7 @@ class FakeIWF:
 
 
 def link(name, index, up=True, addresses=("192.168.1.1",)):
+    """A link as the netlink watcher reports it."""
     return LinkState(name, index, up, TunnelInfo(name, index, "vxlan", {"IFLA_VXLAN_ID": 1001}),
                      tuple(addresses))
 
@@ -60,42 +61,46 @@ class ManagerTests(SynchronousTestCase):
             dynamic=DynamicTunnels(re.compile(r"vxlan\d+"), "192.168.1.1", "cgn", grace=30))
         self.manager.startService()
 
+    def changed(self, state):
+        self.manager.link_changed(state)
+        self.clock.advance(0)  # front ends start on the next reactor turn
+
     def ids_of(self, front):
         out = []
         front.third_party_id().addCallback(out.append)
         return out[0]
 
     def test_only_matching_links_with_the_address(self):
-        self.manager.link_changed(link("eth0", 2))
-        self.manager.link_changed(link("vxlan7", 3, addresses=()))  # no address yet
-        self.manager.link_changed(link("vxlan8", 4, up=False))
+        self.changed(link("eth0", 2))
+        self.changed(link("vxlan7", 3, addresses=()))  # no address yet
+        self.changed(link("vxlan8", 4, up=False))
         self.assertEqual(FakeFrontEnd.started, [])
-        self.manager.link_changed(link("vxlan7", 3))
+        self.changed(link("vxlan7", 3))
         (front,) = FakeFrontEnd.started
         self.assertEqual((front.tunnel, front.interface, front.address), ("vxlan7", "vxlan7", "192.168.1.1"))
         self.assertEqual(self.ids_of(front), b"\x00\x00\x07")
 
     def test_static_tunnel_uses_its_configured_id_and_name(self):
-        self.manager.link_changed(link("tun1", 5))
+        self.changed(link("tun1", 5))
         (front,) = FakeFrontEnd.started
         self.assertEqual(front.tunnel, "subscriber-1")
         self.assertEqual(self.ids_of(front), b"\x00\x03\xe9")
 
     def test_unchanged_link_is_left_alone_and_new_ifindex_rebinds(self):
-        self.manager.link_changed(link("vxlan7", 3))
-        self.manager.link_changed(link("vxlan7", 3))
+        self.changed(link("vxlan7", 3))
+        self.changed(link("vxlan7", 3))
         self.assertEqual(len(FakeFrontEnd.started), 1)
-        self.manager.link_changed(link("vxlan7", 9))  # deleted and re-created
+        self.changed(link("vxlan7", 9))  # deleted and re-created
         self.assertEqual(len(FakeFrontEnd.started), 2)
         self.assertFalse(FakeFrontEnd.started[0].running)
         self.assertEqual(self.manager.counters["rebound"], 1)
 
     def test_grace_time_keeps_then_releases(self):
-        self.manager.link_changed(link("vxlan7", 3))
+        self.changed(link("vxlan7", 3))
         self.manager.link_removed("vxlan7", 3)
         self.assertFalse(FakeFrontEnd.started[0].running)
         self.clock.advance(29)
-        self.manager.link_changed(link("vxlan7", 11))  # back within the grace time
+        self.changed(link("vxlan7", 11))  # back within the grace time
         self.clock.advance(60)
         self.assertEqual(self.iwf.released, [])
         self.assertEqual(self.manager.counters["returned"], 1)
@@ -106,13 +111,13 @@ class ManagerTests(SynchronousTestCase):
         self.assertEqual(self.iwf.released, ["vxlan7"])
 
     def test_removal_of_a_stale_ifindex_is_ignored(self):
-        self.manager.link_changed(link("vxlan7", 3))
-        self.manager.link_changed(link("vxlan7", 9))
+        self.changed(link("vxlan7", 3))
+        self.changed(link("vxlan7", 9))
         self.manager.link_removed("vxlan7", 3)  # the old interface's late event
         self.assertTrue(FakeFrontEnd.started[-1].running)
 
     def test_failed_front_end_is_not_kept(self):
-        self.manager.link_changed(link("vxlan66", 3))
+        self.changed(link("vxlan66", 3))
         self.assertEqual(self.manager.counters["failed"], 1)
         self.assertNotIn("vxlan66", self.manager.fronts)
         self.assertEqual(list(self.manager), [])
@@ -120,12 +125,25 @@ class ManagerTests(SynchronousTestCase):
     def test_announcements_spread_with_the_number_of_tunnels(self):
         for i in range(5000):
             self.manager.link_changed(link(f"vxlan{10000 + i}", 100 + i))
+        self.assertEqual(FakeFrontEnd.started, [])
+        self.manager.pump.func()  # one reactor turn starts one batch and schedules the next
+        self.assertEqual(len(FakeFrontEnd.started), 100)
+        self.clock.advance(0)
+        self.assertEqual(len(FakeFrontEnd.started), 5000)
         spreads = [f.announce_spread for f in FakeFrontEnd.started]
         self.assertEqual(spreads[0], 0.1)
         self.assertAlmostEqual(spreads[-1], 4999 / 2000)
 
-    def test_stop_cancels_grace_timers(self):
+    def test_link_gone_before_its_turn_never_starts(self):
         self.manager.link_changed(link("vxlan7", 3))
+        self.manager.link_removed("vxlan7", 3)
+        self.clock.advance(0)
+        self.assertEqual(FakeFrontEnd.started, [])
+        self.clock.advance(31)
+        self.assertEqual(self.iwf.released, ["vxlan7"])
+
+    def test_stop_cancels_grace_timers(self):
+        self.changed(link("vxlan7", 3))
         self.manager.link_removed("vxlan7", 3)
         d = defer.maybeDeferred(self.manager.stopService)
         self.clock.advance(100)

@@ -12,6 +12,7 @@ carrier analogue; iwf.md E.27).
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from twisted.application.service import MultiService
@@ -27,6 +28,9 @@ log = logger(__name__)
 
 # Tunnels per second whose first NOTIFY sets may go out (10,000 tunnels: over 5 s).
 ANNOUNCE_TUNNELS_PER_SECOND = 2000
+# Front ends started per reactor turn: at start-up thousands of links arrive at once, and
+# started tunnels must keep answering meanwhile (binding takes up to 1 ms each at 10,000).
+START_BATCH = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,8 @@ class TunnelManager(MultiService):
         self.ifindex: dict[str, int] = {}
         self.infos: dict[str, TunnelInfo] = {}
         self.grace: dict = {}  # tunnel name -> IDelayedCall
+        self.queue: OrderedDict = OrderedDict()  # interface -> start arguments, oldest first
+        self.pump = None
         self.counters = {"started": 0, "failed": 0, "stopped": 0, "rebound": 0, "returned": 0,
                          "released": 0}
 
@@ -99,9 +105,23 @@ class TunnelManager(MultiService):
             call.cancel()
             self.counters["returned"] += 1
         self.infos[state.name] = state.info
-        self._start(state, name, address, server)
+        self.queue[state.name] = (state, name, address, server)
+        if self.pump is None:
+            self.pump = self.reactor.callLater(0, self._start_queued)
+
+    def _start_queued(self) -> None:
+        self.pump = None
+        for _ in range(min(START_BATCH, len(self.queue))):
+            _interface, args = self.queue.popitem(last=False)
+            self._start(*args)
+        if self.queue:
+            self.pump = self.reactor.callLater(0, self._start_queued)
 
     def link_removed(self, interface: str, ifindex: int) -> None:
+        queued = self.queue.get(interface)
+        if queued is not None and queued[0].ifindex == ifindex:
+            self._down(interface, queued[1], self._grace_for(interface))
+            return
         front = self.fronts.get(interface)
         if front is None or self.ifindex.get(interface) != ifindex:
             return
@@ -147,6 +167,7 @@ class TunnelManager(MultiService):
         return defer.maybeDeferred(front.disownServiceParent)
 
     def _down(self, interface: str, name: str, grace: float) -> None:
+        self.queue.pop(interface, None)
         if interface in self.fronts:
             self._stop(interface)
             log.info("tunnel {tunnel} down; mappings kept for {grace} s",
@@ -165,6 +186,10 @@ class TunnelManager(MultiService):
         log.info("tunnel {tunnel} gone: {count} mappings deleted", tunnel=pseudonym(name), count=count)
 
     def stopService(self):
+        self.queue.clear()
+        if self.pump is not None and self.pump.active():
+            self.pump.cancel()
+        self.pump = None
         for call in self.grace.values():
             if call.active():
                 call.cancel()
