@@ -237,7 +237,6 @@ class InterworkingFunction:
             spec = _with_port(spec, req.external_port)
         self.stats["add_requests"] += 1
         result = await self._exact_map(sub.server, spec)
-        self._seen(sub.server)
         self.probes.pop((sub.tunnel, internal_tuple), None)
         now = self.reactor.seconds()
         granted = record.granted(result.external_address, result.lifetime, now)
@@ -249,6 +248,12 @@ class InterworkingFunction:
         self.stats["add_ok"] += 1
         return granted.view(now)
 
+    async def _map(self, server: str, spec: MapSpec, **kwargs):
+        """A bounded exchange for a UPnP call; a SUCCESS also shows the CGN is alive."""
+        result = await bounded_map(self.reactor, self.client, server, spec, self.bound, **kwargs)
+        self._seen(server)
+        return result
+
     async def _exact_map(self, server, spec):
         """bounded_map, plus a guard for servers that ignore PREFER_FAILURE.
 
@@ -259,10 +264,10 @@ class InterworkingFunction:
         the request, and the caller gets a Conflict (UPnP 718).
         """
         if not spec.prefer_failure:
-            return await bounded_map(self.reactor, self.client, server, spec, self.bound)
+            return await self._map(server, spec)
         self.exact[spec.nonce] = (server, spec)
         try:
-            return await bounded_map(self.reactor, self.client, server, spec, self.bound)
+            return await self._map(server, spec)
         except ServerFailure:
             if spec.nonce in self.exact_refused:
                 raise Conflict("the CGN could only offer another external port") from None
@@ -283,12 +288,10 @@ class InterworkingFunction:
         if record.internal_client != caller.address:
             raise NotAuthorized("only the host a mapping points to may delete it")
         try:
-            await bounded_map(self.reactor, self.client, record.server, map_spec(record, 0),
-                              self.bound, delete=True, retry_short=False)
+            await self._map(record.server, map_spec(record, 0), delete=True, retry_short=False)
         except Conflict:
             self._remove(record)  # RFC 6970 section 5.8: CANNOT_PROVIDE_EXTERNAL -> 714
             raise NoSuchEntry("the CGN holds no such mapping") from None
-        self._seen(record.server)
         self._remove(record)
         self.stats["delete_ok"] += 1
 
@@ -307,9 +310,15 @@ class InterworkingFunction:
         return defer.DeferredList(results, consumeErrors=True).addCallback(_count_or_first_error)
 
     def _delete_on_cgn(self, record: MappingRecord) -> None:
-        """Fire-and-forget delete (lease end, replaced tuple, restore); PCP lifetimes bound any miss."""
-        d = self.client.delete(record.server, map_spec(record, 0))
-        d.addErrback(lambda f: self.stats.update(["background_delete_failed"]))
+        """Fire-and-forget delete (lease end, replaced tuple, restore)."""
+        self._delete_in_background(record.server, map_spec(record, 0))
+
+    def _delete_in_background(self, server: str, spec: MapSpec,
+                              failed: str = "background_delete_failed") -> defer.Deferred:
+        """A delete nobody waits for; PCP lifetimes bound what a lost one leaves behind.
+        Fires with the MapResult, or None (counted in ``stats[failed]``)."""
+        d = self.client.delete(server, spec)
+        return d.addErrback(lambda f: self.stats.update([failed]))
 
     # ------------------------------------------------------------ reads
     def get_specific(self, caller, key):
@@ -327,27 +336,30 @@ class InterworkingFunction:
         internal_tuple = (caller.address, key.protocol, key.external_port)
         table = self._table(sub.tunnel)
         if table.by_tuple(internal_tuple) is None and key.external_port:
-            nonce = self.probes.setdefault((sub.tunnel, internal_tuple), new_nonce())
-            spec = MapSpec(nonce, PROTOCOL_NUMBERS[key.protocol], caller.address, key.external_port,
-                           PROBE_LIFETIME, external_port=key.external_port,
-                           third_party_id=sub.third_party_id, prefer_failure=True)
+            spec = self._probe_spec(sub, internal_tuple, exact=True)
             self.stats["probes"] += 1
             try:
-                await bounded_map(self.reactor, self.client, sub.server, spec, self.bound,
-                                  retry_short=False)
+                await self._map(sub.server, spec, retry_short=False)
             except Conflict:
                 self.probes.pop((sub.tunnel, internal_tuple), None)
             else:
-                self._seen(sub.server)
                 self._drop_probe(sub, internal_tuple, spec)
         raise NoSuchEntry("no such mapping")
+
+    def _probe_spec(self, sub, internal_tuple, *, exact: bool) -> MapSpec:
+        """A short probe mapping for (caller, protocol, port); its nonce is kept in
+        ``probes`` until its delete is confirmed, so a real mapping can take it over."""
+        client, protocol, port = internal_tuple
+        nonce = self.probes.setdefault((sub.tunnel, internal_tuple), new_nonce())
+        return MapSpec(nonce, PROTOCOL_NUMBERS[protocol], client, port, PROBE_LIFETIME,
+                       external_port=port if exact else 0, third_party_id=sub.third_party_id,
+                       prefer_failure=exact)
 
     def _drop_probe(self, sub, internal_tuple, spec: MapSpec) -> None:
         def done(result):
             if getattr(result, "ok", False) and self.probes.get((sub.tunnel, internal_tuple)) == spec.nonce:
                 del self.probes[(sub.tunnel, internal_tuple)]
-        d = self.client.delete(sub.server, spec)
-        d.addCallbacks(done, lambda f: self.stats.update(["probe_delete_failed"]))
+        self._delete_in_background(sub.server, spec, "probe_delete_failed").addCallback(done)
 
     def get_generic(self, caller, index):
         table = self.tables.get(caller.subscriber.tunnel)
@@ -400,11 +412,8 @@ class InterworkingFunction:
     async def _probe_address(self, caller):
         sub = _identified(caller.subscriber)
         internal_tuple = (caller.address, "TCP", DISCARD_PORT)
-        nonce = self.probes.setdefault((sub.tunnel, internal_tuple), new_nonce())
-        spec = MapSpec(nonce, PROTOCOL_NUMBERS["TCP"], caller.address, DISCARD_PORT,
-                       PROBE_LIFETIME, third_party_id=sub.third_party_id)
-        result = await bounded_map(self.reactor, self.client, sub.server, spec, self.bound)
-        self._seen(sub.server)
+        spec = self._probe_spec(sub, internal_tuple, exact=False)
+        result = await self._map(sub.server, spec)
         self._drop_probe(sub, internal_tuple, spec)
         address = result.external_address if is_reportable(result.external_address) else None
         if address is None:
@@ -515,8 +524,7 @@ class InterworkingFunction:
         if pending is not None and result.ok and pending[0] == server:
             self.stats["prefer_failure_ignored"] += 1
             self.exact_refused.add(body.nonce)
-            self.client.delete(server, pending[1]).addErrback(
-                lambda f: self.stats.update(["background_delete_failed"]))
+            self._delete_in_background(server, pending[1])
 
 
 def _identified(subscriber):
