@@ -15,10 +15,10 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import threads
 
 from . import gcpolicy
-from .config import Config
+from .config import Config, ConfigError
 from .iwf.core import InterworkingFunction
 from .iwf.exchange import CallBound
-from .iwf.store import SQLiteStore
+from .iwf.store import SQLiteStore, StoreError
 from .logs import logger, set_level
 from .pcp.client import PCPClient, ServerAddress
 from .subscriber import pseudonym, set_pseudonym_key
@@ -84,7 +84,10 @@ class CoreService(Service):
         self.client = PCPClient(
             reactor, {s.name: ServerAddress(s.address, s.port) for s in config.servers},
             bind=config.pcp_bind)
-        self.store = SQLiteStore(config.store_path, config.store_sync)
+        try:
+            self.store = SQLiteStore(config.store_path, config.store_sync)
+        except StoreError as e:
+            raise ConfigError(f"store.path: {e}") from None
         self.iwf = InterworkingFunction(
             reactor, self.client, self.store, config.policy,
             bound=CallBound(deadline=config.soap_deadline), probe_specific=config.probe_specific,

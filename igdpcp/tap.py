@@ -31,4 +31,7 @@ def makeService(options):
     from twisted.internet import reactor
 
     from .service import make_service
-    return make_service(reactor, options.config)
+    try:
+        return make_service(reactor, options.config)
+    except configuration.ConfigError as e:  # found only when opening it (store.path)
+        raise SystemExit(f"igdpcp: {e}") from None

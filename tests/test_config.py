@@ -9,6 +9,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from igdpcp import config, logs
+from igdpcp.iwf.store import SQLiteStore
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,17 +57,27 @@ class ParseTests(SynchronousTestCase):
         for data, key in cases:
             self.assertKeyError(data, key)
 
-    def test_twistd_prints_one_line(self):
+    def twistd_lines(self, toml: str) -> list[str]:
         with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-            f.write("[leases]\nmax = -1\n")
+            f.write(toml)
+        self.addCleanup(os.unlink, f.name)
         env = dict(os.environ, PYTHONPATH=REPO)
         proc = subprocess.run([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "igdpcp",
                                "--config", f.name], capture_output=True, text=True, env=env,
                               timeout=60)
-        os.unlink(f.name)
         self.assertNotEqual(proc.returncode, 0)
-        lines = (proc.stdout + proc.stderr).strip().splitlines()
-        self.assertEqual(lines, ["igdpcp: leases.max: must be between 1 and 2147483648"])
+        return (proc.stdout + proc.stderr).strip().splitlines()
+
+    def test_twistd_prints_one_line(self):
+        self.assertEqual(self.twistd_lines("[leases]\nmax = -1\n"),
+                         ["igdpcp: leases.max: must be between 1 and 2147483648"])
+
+    def test_store_in_use_is_one_line(self):
+        path = os.path.join(tempfile.mkdtemp(), "mappings.sqlite")
+        held = SQLiteStore(path)  # as if another igdpcp had it
+        self.addCleanup(held.close)
+        self.assertEqual(self.twistd_lines(f'[store]\npath = "{path}"\n'),
+                         [f"igdpcp: store.path: {path} is in use by another process"])
 
 
 class LogLevelTests(SynchronousTestCase):

@@ -232,9 +232,7 @@ class InterworkingFunction:
             server=sub.server,
             external_address=existing.external_address if existing else None,
         )
-        spec = map_spec(record, self.keeper.lifetime_for(record, now), suggest=existing is not None)
-        if existing is None:
-            spec = _with_port(spec, req.external_port)
+        spec = map_spec(record, self.keeper.lifetime_for(record, now))
         self.stats["add_requests"] += 1
         result = await self._exact_map(sub.server, spec)
         self.probes.pop((sub.tunnel, internal_tuple), None)
@@ -550,10 +548,6 @@ def _validate(req, any_port: bool) -> None:
     if req.internal_client is not None and (req.internal_client.is_unspecified
                                             or req.internal_client.is_multicast):
         raise WildcardNotPermitted("internal_client")
-
-
-def _with_port(spec: MapSpec, port: int) -> MapSpec:
-    return replace(spec, external_port=port, external_address=None)
 
 
 def _moved(record: MappingRecord, port: int) -> MappingRecord:

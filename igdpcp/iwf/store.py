@@ -4,6 +4,12 @@ SQLite by default, in WAL mode: a write is committed before :meth:`put`
 returns, so it survives igdpcp being killed.  ``synchronous="full"`` also
 survives a power cut, at the cost of an fsync per write.  Records are plain
 rows here (:meth:`MappingRecord.to_row`); the store knows no IWF types.
+
+The database is opened with an exclusive lock, held until :meth:`close`: a
+second igdpcp on the same file would renew, and delete at lease end, the
+first one's mappings.  The lock also spares each write SQLite's shared-memory
+locking (about a third of a write's cost).  Read the file while igdpcp is
+stopped, or copy it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,10 @@ COLUMNS = (
     "any_port", "nonce", "external_address", "granted_lifetime", "granted_at",
 )
 KEY = ("tunnel", "remote_host", "external_port", "protocol")
+
+
+class StoreError(Exception):
+    """The store cannot be opened (one line, for the operator)."""
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS mappings (
@@ -40,32 +50,42 @@ class SQLiteStore:
     def __init__(self, path: str, synchronous: str = "normal"):
         if synchronous not in ("normal", "full"):
             raise ValueError("synchronous must be 'normal' or 'full'")
-        if path != ":memory:":
-            directory = os.path.dirname(os.path.abspath(path))
-            os.makedirs(directory, exist_ok=True)
-            # The file holds THIRD_PARTY_IDs: operator eyes only (RFC 7843 section 7).
-            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-            os.close(fd)
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        self.db.execute(_SCHEMA)
-        placeholders = ", ".join(f":{c}" for c in COLUMNS)
-        self._put = f"INSERT OR REPLACE INTO mappings ({', '.join(COLUMNS)}) VALUES ({placeholders})"
-        self._delete = "DELETE FROM mappings WHERE " + " AND ".join(f"{k} = :{k}" for k in KEY)
+        try:
+            if path != ":memory:":
+                directory = os.path.dirname(os.path.abspath(path))
+                os.makedirs(directory, exist_ok=True)
+                # The file holds THIRD_PARTY_IDs: operator eyes only (RFC 7843 section 7).
+                fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+                os.close(fd)
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=1.0)
+            self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self.db.execute("BEGIN IMMEDIATE")  # takes the exclusive lock now, not at the first write
+            self.db.execute(_SCHEMA)
+            self.db.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e):
+                raise StoreError(f"{path} is in use by another process") from None
+            raise StoreError(f"{path}: {e}") from None
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"{path}: {getattr(e, 'strerror', None) or e}") from None
+        self._put = (f"INSERT OR REPLACE INTO mappings ({', '.join(COLUMNS)}) "
+                     f"VALUES ({', '.join('?' * len(COLUMNS))})")
+        self._delete = "DELETE FROM mappings WHERE " + " AND ".join(f"{k} = ?" for k in KEY)
 
     def put(self, row: dict) -> None:
-        self.db.execute(self._put, row)
+        self.db.execute(self._put, [row[c] for c in COLUMNS])
 
     def replace(self, old_row: dict, row: dict) -> None:
         """Swap one record for another atomically (a mapping whose key changed)."""
         with self.db:
             self.db.execute("BEGIN")
-            self.db.execute(self._delete, {k: old_row[k] for k in KEY})
-            self.db.execute(self._put, row)
+            self.db.execute(self._delete, [old_row[k] for k in KEY])
+            self.db.execute(self._put, [row[c] for c in COLUMNS])
 
     def delete(self, row: dict) -> None:
-        self.db.execute(self._delete, {k: row[k] for k in KEY})
+        self.db.execute(self._delete, [row[k] for k in KEY])
 
     def load_all(self) -> list[dict]:
         cursor = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM mappings")

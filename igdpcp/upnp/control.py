@@ -127,12 +127,22 @@ class Control:
         except soap.SoapError as exc:
             return defer.succeed(Reply(500, soap.build_fault(exc.code, ERROR_NAMES[exc.code])))
         # ``caller`` may be a Deferred: the tunnel's ID can come from AAA (its failure is a fault).
-        d = defer.maybeDeferred(lambda: caller)
-        d.addCallback(lambda c: self.call(c, service_name, request.service_type, request.action,
-                                          request.args))
-        d.addCallback(lambda out: Reply(200, soap.build_response(request.service_type, request.action, out)))
-        d.addErrback(self._fault_reply)
-        return d
+        if isinstance(caller, defer.Deferred):
+            d = caller.addCallback(self.call, service_name, request.service_type, request.action,
+                                   request.args)
+        else:
+            try:
+                d = self.call(caller, service_name, request.service_type, request.action, request.args)
+            except Exception:
+                d = defer.fail()
+        return d.addCallbacks(self._reply, self._fault_reply, callbackArgs=(request,))
+
+    def _reply(self, out, request: soap.SoapRequest) -> Reply:
+        try:
+            return Reply(200, soap.build_response(request.service_type, request.action, out))
+        except Exception:
+            self._log.failure("answer could not be built")
+            return Reply(500, soap.build_fault(501, ERROR_NAMES[501]))
 
     def call(self, caller: Caller, service_name: str, service_type: str, action: str,
              args: Mapping[str, str]) -> defer.Deferred:
