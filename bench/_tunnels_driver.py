@@ -5,8 +5,9 @@ Run inside the netns that holds the tunnel interfaces::
     ip netns exec NS python3 bench/_tunnels_driver.py --names FILE --duration S
 
 ``FILE`` lists one interface name a line.  It raises RLIMIT_NOFILE, starts a
-``TunnelFrontEnd`` (HTTP + SSDP, sockets bound to the interface) for every
-interface with a stub IWF, prints ``READY <json>`` once all are started,
+``TunnelFrontEnd`` (HTTP + SSDP, sockets bound to the interface; with
+``--ssdp-socket shared`` one SSDP socket for all, as ``igd.ssdp_socket =
+"shared"``) for every interface with a stub IWF, prints ``READY <json>`` once all are started,
 runs the reactor for ``--duration`` seconds while recording when each SSDP
 NOTIFY is handed to the kernel and how late the reactor is, then prints
 ``DONE <json>`` and exits (without stopping the front ends: 10,000 byebye
@@ -39,6 +40,7 @@ from igdpcp.iwf import errors  # noqa: E402
 from igdpcp.tunnels import frontend as frontend_module  # noqa: E402
 from igdpcp.tunnels.frontend import FrontEndSettings, TunnelFrontEnd  # noqa: E402
 from igdpcp.tunnels.manager import ANNOUNCE_TUNNELS_PER_SECOND  # noqa: E402
+from igdpcp.tunnels.shared_ssdp import SharedSSDPPort, raise_membership_limits  # noqa: E402
 from igdpcp.upnp.ssdp_protocol import SSDPProtocol  # noqa: E402
 
 T_IMPORTED = time.monotonic()
@@ -117,11 +119,13 @@ def main() -> None:
     p.add_argument("--stop", action="store_true", help="also time stopping every front end (byebye)")
     p.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
                    help="skip the gc.freeze() igdpcp does after start-up (what-if)")
+    p.add_argument("--ssdp-socket", choices=("per-tunnel", "shared"), default="per-tunnel")
     args = p.parse_args()
     names = Path(args.names).read_text().split()
+    shared = args.ssdp_socket == "shared"
 
     soft0, hard0 = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = 2 * len(names) + 64
+    need = (1 if shared else 2) * len(names) + 64
     if soft0 < need:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard0, need)))
@@ -153,6 +157,15 @@ def main() -> None:
         return wrapper
     frontend_module.listen_tcp = timed(frontend_module.listen_tcp)
     frontend_module.listen_ssdp = timed(frontend_module.listen_ssdp)
+    shared_port = None
+    if shared:
+        problems = raise_membership_limits()
+        if problems:
+            print("FAILED " + "; ".join(problems), flush=True)
+            sys.exit(1)
+        shared_port = SharedSSDPPort(reactor)
+        shared_port.startListening()
+        shared_port.attach = timed(shared_port.attach)
 
     # Garbage-collector pauses (generation 2 ones are the long ones).
     gc_pauses: list[tuple[int, float]] = []
@@ -166,8 +179,9 @@ def main() -> None:
     gc.callbacks.append(on_gc)
 
     iwf = StubIWF()
-    settings = FrontEndSettings(udn_secret=b"bench-tunnels", advertise_interval=900.0)
-    result: dict = {"tunnels": len(names), "nofile_before": [soft0, hard0], "nofile_set": soft1,
+    settings = FrontEndSettings(udn_secret=b"bench-tunnels", advertise_interval=900.0,
+                                shared_ssdp=shared_port)
+    result: dict = {"tunnels": len(names), "ssdp_socket": args.ssdp_socket, "nofile_before": [soft0, hard0], "nofile_set": soft1,
                     "nofile_needed_estimate": need, "import_s": T_IMPORTED - T_IMPORT}
     fronts: list[TunnelFrontEnd] = []
     lags: list[tuple[float, float]] = []

@@ -12,7 +12,10 @@ Then, inside ``iwf``, ``_tunnels_driver.py`` starts one
 ``igdpcp.tunnels.frontend.TunnelFrontEnd`` per interface (HTTP :5000 and
 SSDP :1900, both bound to the interface; a stub IWF) and, inside ``peer``,
 ``_tunnels_probe.py`` sends a unicast M-SEARCH every 50 ms on 3 tunnels
-(first, middle, last) and listens to the NOTIFYs of 16 tunnels.
+(first, middle, last) and listens to the NOTIFYs of 16 tunnels.  This runs
+once per SSDP socket mode (``--ssdp-sockets``): a socket per tunnel (the
+default, 2 descriptors a tunnel) and one shared socket (``igd.ssdp_socket =
+"shared"``, 1 descriptor a tunnel).
 
 Reported: time to create the links, start-up time of the front ends, RSS,
 open FDs and the RLIMIT_NOFILE that takes, the shape of the initial NOTIFY
@@ -22,7 +25,7 @@ the burst and after it, and the host setup (``igdpcp.tunnels.hostsetup``):
 apply/check time for N tunnels and what N ip rules cost other traffic.
 
     python3 bench/bench_tunnels.py [--quick] [--counts 1000,10000] [--duration S]
-                                   [--no-hostsetup] [--vxlan]
+                                   [--ssdp-sockets per-tunnel,shared] [--no-hostsetup] [--vxlan]
 
 ``--quick`` is 200 tunnels.  Times are printed, never asserted.
 """
@@ -110,14 +113,14 @@ def softnet_dropped() -> int:
         return sum(int(line.split()[1], 16) for line in f)
 
 
-def run_frontends(lab, net: dict, duration: float, extra=()) -> tuple[dict, dict]:
+def run_frontends(lab, net: dict, duration: float, extra=(), run: int = 0) -> tuple[dict, dict]:
     dropped = softnet_dropped()
     probe = lab.spawn(net["peer"], [PY, os.path.join(BENCH, "_tunnels_probe.py"), "--duration", "3600"]
                       + [a for i in net["searched"] for a in ("--search", f"p{i}")]
-                      + [a for i in net["listened"] for a in ("--listen", f"p{i}")], name="probe")
+                      + [a for i in net["listened"] for a in ("--listen", f"p{i}")], name=f"probe{run}")
     wait_line(probe, "READY", 30)
     driver = lab.spawn(net["iwf"], [PY, os.path.join(BENCH, "_tunnels_driver.py"), "--names", net["names"],
-                                    "--duration", str(duration), *extra], name="driver")
+                                    "--duration", str(duration), *extra], name=f"driver{run}")
     wait_line(driver, "READY", 1800)
     done = json.loads(wait_line(driver, "DONE", duration + 600))
     probe.popen.send_signal(signal.SIGTERM)
@@ -270,14 +273,15 @@ def report(n: int, net: dict, done: dict, probe: dict, hsf: dict | None) -> dict
             ["ping RTT avg from the first / last tunnel (setup on)",
              " / ".join(hsf["ping_avg"].values())],
         ]
-    table(f"{n} tunnels", ["figure", "value"], figures)
-    table(f"{n} tunnels: unicast M-SEARCH answer time on tunnels "
+    mode = done["ssdp_socket"]
+    table(f"{n} tunnels, SSDP socket {mode}", ["figure", "value"], figures)
+    table(f"{n} tunnels, SSDP socket {mode}: unicast M-SEARCH answer time on tunnels "
           f"{', '.join('t%d' % i for i in net['searched'])} (one every 50 ms each)",
           ["phase", "tunnel", "sent", "answered", "p50 ms", "p99 ms", "max ms"], rows,
           note="start-up: sent while the front ends were being started (a tunnel not yet bound "
                "drops it);\nburst: from the end of start-up to 0.2 s after the last initial NOTIFY; "
                "after: from 0.5 s after that to the end of the run.")
-    return {"n": n, "startup_s": done["startup_s"], "rss_mb": done["rss_after"] / mb,
+    return {"n": n, "mode": mode, "started": done["started"], "startup_s": done["startup_s"], "rss_mb": done["rss_after"] / mb,
             "fds": done["fds_after"], "msearch": summary, "notify": {k: v for k, v in notify.items()
                                                                     if k != "windows"}}
 
@@ -288,6 +292,8 @@ def main() -> None:
     p.add_argument("--counts", default="1000,10000")
     p.add_argument("--duration", type=float, default=8.0,
                    help="seconds the reactor runs after start-up (default %(default)s)")
+    p.add_argument("--ssdp-sockets", default="per-tunnel,shared",
+                   help="SSDP socket modes to run, comma-separated (default %(default)s)")
     p.add_argument("--no-hostsetup", action="store_true")
     p.add_argument("--vxlan", action="store_true", help="also time creating N VXLAN devices")
     p.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
@@ -305,10 +311,11 @@ def main() -> None:
         lab = netlab.Lab("bt")
         try:
             net = build(lab, n)
-            done, probe = run_frontends(lab, net, args.duration,
-                                        [] if args.gc_freeze else ["--no-gc-freeze"])
-            hsf = None if args.no_hostsetup else hostsetup_figures(lab, net, n)
-            summaries.append(report(n, net, done, probe, hsf))
+            for k, mode in enumerate(args.ssdp_sockets.split(",")):
+                extra = ["--ssdp-socket", mode] + ([] if args.gc_freeze else ["--no-gc-freeze"])
+                done, probe = run_frontends(lab, net, args.duration, extra, run=k)
+                hsf = None if args.no_hostsetup or k else hostsetup_figures(lab, net, n)
+                summaries.append(report(n, net, done, probe, hsf))
         finally:
             t = time.monotonic()
             lab.teardown()
@@ -318,11 +325,11 @@ def main() -> None:
     rows = []
     for s in summaries:
         m = s["msearch"]
-        rows.append([s["n"], f"{s['startup_s']:.2f}", f"{s['rss_mb']:.0f}", s["fds"],
+        rows.append([s["n"], s["mode"], f"{s['started']}", f"{s['startup_s']:.2f}", f"{s['rss_mb']:.0f}", s["fds"],
                      f"{ms(m['burst']['p50'])}/{ms(m['burst']['p99'])}",
                      f"{ms(m['after']['p50'])}/{ms(m['after']['p99'])}",
                      f"{s['notify'].get('last', 0):.2f}", s["notify"].get("max_per_100ms", 0)])
-    table("summary", ["tunnels", "start-up s", "RSS MB", "FDs", "M-SEARCH burst p50/p99 ms",
+    table("summary", ["tunnels", "SSDP socket", "started", "start-up s", "RSS MB", "FDs", "M-SEARCH burst p50/p99 ms",
                       "M-SEARCH after p50/p99 ms", "NOTIFY burst s", "max NOTIFY/100ms"], rows)
 
 

@@ -47,6 +47,7 @@ class Config:
     friendly_name: str = "igdpcp"
     http_port: int = 5000
     advertise_interval: float = 900.0
+    ssdp_socket: str = "per-tunnel"  # or "shared" (tunnels/shared_ssdp.py)
     servers: tuple = (ServerConfig("cgn", "127.0.0.1"),)
     pcp_bind: str | None = None
     soap_deadline: float = 4.0
@@ -99,6 +100,9 @@ def _unknown_keys(table: dict, allowed: set, prefix: str) -> None:
             raise _err(prefix + key, "unknown key")
 
 
+SSDP_SOCKETS = ("per-tunnel", "shared")
+
+
 def load(path: str) -> Config:
     try:
         with open(path, "rb") as f:
@@ -115,7 +119,8 @@ def parse(data: dict) -> Config:
                          "dynamic", "ids"}, "")
     d = Config()
     igd = _table(data, "igd")
-    _unknown_keys(igd, {"version", "friendly_name", "http_port", "advertise_interval"}, "igd.")
+    _unknown_keys(igd, {"version", "friendly_name", "http_port", "advertise_interval", "ssdp_socket"},
+                  "igd.")
     pcp = _table(data, "pcp")
     _unknown_keys(pcp, {"servers", "bind", "soap_deadline", "recovery_rate"}, "pcp.")
     leases = _table(data, "leases")
@@ -161,6 +166,8 @@ def parse(data: dict) -> Config:
         http_port=_typed(igd, "http_port", "igd.", int, d.http_port, _range(1, 65535)),
         advertise_interval=_typed(igd, "advertise_interval", "igd.", float, d.advertise_interval,
                                   _range(60, 86400)),
+        ssdp_socket=_typed(igd, "ssdp_socket", "igd.", str, d.ssdp_socket,
+                           lambda v: None if v in SSDP_SOCKETS else "must be 'per-tunnel' or 'shared'"),
         servers=servers,
         pcp_bind=_typed(pcp, "bind", "pcp.", str, None, _address),
         soap_deadline=_typed(pcp, "soap_deadline", "pcp.", float, d.soap_deadline, _range(0.5, 30)),

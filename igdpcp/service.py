@@ -27,17 +27,19 @@ from .tunnels.frontend import FrontEndSettings
 from .tunnels.idsource import make_source
 from .tunnels.manager import TunnelManager
 from .tunnels.netlink import LinkWatcher
+from .tunnels.shared_ssdp import SharedSSDPService
 
 
 log = logger(__name__)
 
-FDS_PER_TUNNEL = 2  # one HTTP and one SSDP socket
 FDS_RESERVE = 64
 
 
-def raise_file_limit(tunnels: int) -> int:
+def raise_file_limit(tunnels: int, fds_per_tunnel: int = 2) -> int:
     """Raise RLIMIT_NOFILE's soft limit to the hard one (a common soft 1024 stops at
-    about 500 tunnels) and warn when even that is too small; returns the limit."""
+    about 500 tunnels) and warn when even that is too small; returns the limit.
+
+    A tunnel takes two descriptors (HTTP and SSDP), or one with a shared SSDP socket."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:
@@ -45,10 +47,11 @@ def raise_file_limit(tunnels: int) -> int:
             soft = hard
         except (ValueError, OSError):
             pass
-    need = FDS_PER_TUNNEL * tunnels + FDS_RESERVE
+    need = fds_per_tunnel * tunnels + FDS_RESERVE
     if need > soft:
-        log.warn("open-file limit {limit} is below the {need} that {n} tunnels need",
-                 limit=soft, need=need, n=tunnels)
+        hint = " (igd.ssdp_socket = \"shared\" needs one per tunnel)" if fds_per_tunnel > 1 else ""
+        log.warn("open-file limit {limit} is below the {need} that {n} tunnels need{hint}",
+                 limit=soft, need=need, n=tunnels, hint=hint)
     return soft
 
 
@@ -108,17 +111,23 @@ class CoreService(Service):
 
 def make_service(reactor, config: Config) -> MultiService:
     set_level(config.log_level)
-    raise_file_limit(len(config.tunnels))
+    shared = config.ssdp_socket == "shared"
+    raise_file_limit(len(config.tunnels), 1 if shared else 2)
     key = privacy_key(config)
     set_pseudonym_key(key)
     top = MultiService()
     core = CoreService(reactor, config)
     core.setServiceParent(top)
+    ssdp = None
+    if shared:  # started before the tunnels, stopped after their byebyes
+        ssdp = SharedSSDPService(reactor)
+        ssdp.setServiceParent(top)
     settings = FrontEndSettings(
         igd_version=config.igd_version, http_port=config.http_port,
         friendly_name=config.friendly_name, udn_secret=key,
         advertise_interval=config.advertise_interval,
         boot_id=int(time.time()) & 0x7FFFFFFF,  # UDA 1.1: grows with every boot
+        shared_ssdp=ssdp.port if ssdp is not None else None,
     )
     ids = make_source(config.ids, reactor) if config.ids else None
     manager = TunnelManager(reactor, core.iwf, settings, ids, dynamic=config.dynamic,

@@ -58,6 +58,7 @@ IGDPCP_TEMPLATE = """\
 [igd]
 version = {igd_version}
 http_port = {http_port}
+ssdp_socket = "{ssdp_socket}"
 
 [pcp]
 soap_deadline = {soap_deadline}
@@ -133,13 +134,14 @@ class Topology:
                  soap_deadline: float = 4.0, pcp_lifetime: int = 3600,
                  pool=("5.5.5.5/32",), max_lifetime: int = 3600, link: str = "veth",
                  dynamic: dict | None = None, ids: str = "", third_party_ids: dict | None = None,
-                 before_igdpcp=None):
+                 before_igdpcp=None, ssdp_socket: str = "per-tunnel"):
         """``link``: "veth" (``tun<i>``) or "vxlan" (``vxlan<1000+i>``, see the module doc).
         ``dynamic``: None for static ``[[tunnels]]``, else the ``[dynamic]`` table's ``pattern``
         and ``grace`` (address: 192.168.1.1); ``ids``: TOML text appended to igdpcp's config
         (the ``[ids]`` table).  ``third_party_ids``: subscriber -> the ID in hex the CGN must
         show, where it is not :func:`third_party_id_hex`.  ``before_igdpcp(topology)`` runs
-        once the namespaces and the CGN are up, before igdpcp starts."""
+        once the namespaces and the CGN are up, before igdpcp starts.  ``ssdp_socket``: igdpcp's
+        ``igd.ssdp_socket`` ("per-tunnel" or "shared")."""
         if link not in ("veth", "vxlan"):
             raise ValueError(f"link must be 'veth' or 'vxlan', not {link!r}")
         self.prefix = prefix
@@ -154,6 +156,7 @@ class Topology:
         self.ids = ids
         self.third_party_ids = dict(third_party_ids or {})
         self.before_igdpcp = before_igdpcp
+        self.ssdp_socket = ssdp_socket
         self.lab: netlab.Lab | None = None
         self.iwf = ""
         self.acc = ""  # the VXLAN underlay netns
@@ -200,7 +203,8 @@ class Topology:
             tunnels = DYNAMIC_TEMPLATE.format(pattern=json.dumps(self.dynamic["pattern"]), address=IWF_ADDRESS,
                                               grace=self.dynamic.get("grace", 300))
         self.igdpcp_conf = self._write("igdpcp.toml", IGDPCP_TEMPLATE.format(
-            igd_version=self.igd_version, http_port=HTTP_PORT, soap_deadline=self.soap_deadline,
+            igd_version=self.igd_version, http_port=HTTP_PORT, ssdp_socket=self.ssdp_socket,
+            soap_deadline=self.soap_deadline,
             pcp_lifetime=self.pcp_lifetime, store=self.store) + tunnels + self.ids)
         self.pcplab_conf = self._write("pcplab.toml", PCPLAB_TEMPLATE.format(
             admin=ADMIN, pool=json.dumps(self.pool), max_lifetime=self.max_lifetime))
@@ -260,12 +264,26 @@ class Topology:
         return json.loads(self.lab.ip("-j", "-d", "link", "show", "dev", self.ifname(i), ns=self.iwf))[0]
 
     def listening_on(self) -> set[str]:
-        """The interfaces igdpcp has both its HTTP and its SSDP listener bound to (``ss``);
-        a socket still bound to a deleted interface shows as ``if<ifindex>``."""
+        """The interfaces igdpcp has both its HTTP and its SSDP listener on: bound to them
+        (``ss``; a socket still bound to a deleted interface shows as ``if<ifindex>``), or
+        with a shared SSDP socket, the SSDP group joined there (``/proc/net/igmp``)."""
         tcp = self.lab.run(self.iwf, ["ss", "-Hltn", f"sport = :{HTTP_PORT}"], check=False).stdout
-        udp = self.lab.run(self.iwf, ["ss", "-Hlun", "sport = :1900"], check=False).stdout
         bound = re.compile(r"%([^:\s]+):")
+        if self.ssdp_socket == "shared":
+            return set(bound.findall(tcp)) & self.ssdp_joined()
+        udp = self.lab.run(self.iwf, ["ss", "-Hlun", "sport = :1900"], check=False).stdout
         return set(bound.findall(tcp)) & set(bound.findall(udp))
+
+    def ssdp_joined(self) -> set[str]:
+        """Interfaces in ``iwf`` where 239.255.255.250 is joined (FAFFFFEF, little-endian)."""
+        joined, device = set(), None
+        for line in self.lab.run(self.iwf, ["cat", "/proc/net/igmp"]).stdout.splitlines()[1:]:
+            fields = line.split()
+            if line[:1].isdigit():
+                device = fields[1]
+            elif fields and fields[0] == "FAFFFFEF":
+                joined.add(device)
+        return joined
 
     def tunnel_listening(self, i: int) -> bool:
         """Whether igdpcp listens on subscriber ``i``'s tunnel, or still on its last
@@ -305,15 +323,13 @@ class Topology:
         self.igdpcp = self.lab.spawn(self.iwf, self._twistd("igdpcp", self.igdpcp_conf, name), name=name)
         end = time.monotonic() + timeout
         while True:
-            tcp = self.lab.run(self.iwf, ["ss", "-Hltn", f"sport = :{HTTP_PORT}"], check=False).stdout
-            udp = self.lab.run(self.iwf, ["ss", "-Hlun", "sport = :1900"], check=False).stdout
-            if all(f"%{self.ifname(i)}:" in tcp and f"%{self.ifname(i)}:" in udp for i in self.subs):
+            if all(self.ifname(i) in self.listening_on() for i in self.subs):
                 return self.igdpcp
             if not self.igdpcp.running():
                 raise RuntimeError(f"igdpcp exited ({self.igdpcp.popen.returncode}):\n{self.igdpcp_log()}")
             if time.monotonic() > end:
-                raise RuntimeError(f"igdpcp tunnels not listening after {timeout} s:\n"
-                                   f"{tcp}\n{udp}\n{self.igdpcp_log()}")
+                raise RuntimeError(f"igdpcp tunnels not listening after {timeout} s "
+                                   f"(only {self.listening_on()}):\n{self.igdpcp_log()}")
             time.sleep(0.05)
 
     def kill_igdpcp(self, sig: int = signal.SIGKILL) -> None:

@@ -422,6 +422,47 @@ class VxlanDynamicTests(TunnelCase):
         self.assertFalse(topo.tunnel_listening(i))
 
 
+class SharedSSDPSocketTests(TunnelCase):
+    """``igd.ssdp_socket = "shared"`` (one SSDP socket for every tunnel, 1 descriptor per
+    tunnel instead of 2): static veth tunnels with the same addressing, upnpc by SSDP."""
+
+    prefix = "e2es"
+    topology_args = {"subscribers": 2, "ssdp_socket": "shared"}
+
+    def test_one_socket_discovery_isolation_and_rebind(self):
+        """One unbound socket on :1900 joined on both tunnels; upnpc in each subscriber finds
+        its own IGD and maps the same internal port (two CGN mappings, the right IDs, each
+        listing only its own); a re-created tunnel (new ifindex) is joined again."""
+        topo = self.topo
+        sockets = topo.lab.run(topo.iwf, ["ss", "-Hlun", "sport = :1900"]).stdout.strip().splitlines()
+        self.assertEqual(len(sockets), 1, sockets)
+        self.assertIn("0.0.0.0:1900", sockets[0])
+        self.assertEqual(topo.ssdp_joined() & {"tun1", "tun2"}, {"tun1", "tun2"})
+
+        add_1, add_2 = self.parallel(
+            lambda: self.upnpc_ok(1, "-e", "one", "-a", SUBSCRIBER_ADDRESS, "8080", "18080", "TCP", "3600"),
+            lambda: self.upnpc_ok(2, "-e", "two", "-a", SUBSCRIBER_ADDRESS, "8080", "18081", "TCP", "3600"))
+        self.assertIn("external 5.5.5.5:18080 TCP is redirected to internal 192.168.1.10:8080", add_1)
+        self.assertIn("external 5.5.5.5:18081 TCP is redirected to internal 192.168.1.10:8080", add_2)
+        m1 = self.assertOnCGN(1, 8080, external_port=18080, description="one")
+        m2 = self.assertOnCGN(2, 8080, external_port=18081, description="two")
+        self.assertEqual((m1["third_party_id"], m2["third_party_id"]),
+                         (third_party_id_hex(1), third_party_id_hex(2)))
+        self.assertEqual([r[:5] for r in listed(self.upnpc_ok(1, "-l"))],
+                         [("TCP", 18080, SUBSCRIBER_ADDRESS, 8080, "one")])
+        self.assertEqual([r[:5] for r in listed(self.upnpc_ok(2, "-l"))],
+                         [("TCP", 18081, SUBSCRIBER_ADDRESS, 8080, "two")])
+
+        first = topo.ifindexes[2]
+        topo.delete_tunnel(2)
+        topo.wait_tunnel(2, up=False)
+        self.assertNotEqual(topo.add_tunnel(2), first)
+        topo.wait_tunnel(2)
+        self.upnpc_ok(2, "-d", "18081", "TCP")  # found again by SSDP on the new interface
+        self.assertEqual(topo.cgn_mappings(2), [])
+        self.assertEqual([identity(m) for m in topo.cgn_mappings(1)], [identity(m1)])
+
+
 # ------------------------------------------------------------------ 4. IDs from FreeRADIUS
 
 RADIUS_IDS = {1: "52414431", 2: "52414432"}  # "RAD1", "RAD2": not the VNIs (0003e9, 0003ea)

@@ -9,6 +9,7 @@ looks at sockets.
 from __future__ import annotations
 
 import random
+import socket
 from dataclasses import dataclass
 from typing import Callable
 from functools import partial
@@ -44,6 +45,8 @@ class FrontEndSettings:
     udn_secret: bytes = b""
     advertise_interval: float = 900.0
     boot_id: int = 1
+    # A SharedSSDPPort (igd.ssdp_socket = "shared"), or None for a socket per tunnel.
+    shared_ssdp: object = None
 
 
 def upnp_values(state: dict, version: int) -> dict:
@@ -141,7 +144,10 @@ class TunnelFrontEnd(Service):
         try:
             self.ports.append(listen_tcp(self.reactor, s.http_port, make_site(resource),
                                          device=self.interface, interface=self.address))
-            self.ports.append(listen_ssdp(self.reactor, self.ssdp, device=self.interface))
+            if s.shared_ssdp is not None:
+                self.ports.append(s.shared_ssdp.attach(self.ssdp, socket.if_nametoindex(self.interface)))
+            else:
+                self.ports.append(listen_ssdp(self.reactor, self.ssdp, device=self.interface))
         except Exception:
             for port in self.ports:
                 port.stopListening()
