@@ -58,13 +58,17 @@ class IMappingStore(Interface):
     """Durable storage of the mappings the IWF has promised (SQLite by default)."""
 
     def put(row):
-        """Store or replace a mapping row (a dict of plain values) durably before returning."""
+        """Store or replace a mapping row (a dict of plain values); durable once
+        :meth:`durable` fires (a store may write in the background)."""
 
     def replace(old_row, row):
         """Atomically remove ``old_row`` and store ``row``."""
 
     def delete(row):
-        """Remove the row with the same key, durably."""
+        """Remove the row with the same key."""
+
+    def durable():
+        """A Deferred firing once every write made so far is durable (fails if one failed)."""
 
     def load_all():
         """All stored records (used at start-up to restore and renew)."""

@@ -185,6 +185,17 @@ class TunnelCase(TopologyCase):
         self.soap_ok(i, "AddPortMapping", add_args(external, internal, lease=3600, **kw))
         return self.assertOnCGN(i, internal, external_port=external)
 
+    def upnpc_add_8080_in_both(self, description_1: str, description_2: str) -> tuple[dict, dict]:
+        """upnpc in subscribers 1 and 2 at once (both 192.168.1.10) maps internal 8080 to
+        external 18080 and 18081; returns the two mappings the CGN then holds."""
+        add_1, add_2 = self.parallel(
+            lambda: self.upnpc_ok(1, "-e", description_1, "-a", SUBSCRIBER_ADDRESS, "8080", "18080", "TCP", "3600"),
+            lambda: self.upnpc_ok(2, "-e", description_2, "-a", SUBSCRIBER_ADDRESS, "8080", "18081", "TCP", "3600"))
+        self.assertIn("external 5.5.5.5:18080 TCP is redirected to internal 192.168.1.10:8080", add_1)
+        self.assertIn("external 5.5.5.5:18081 TCP is redirected to internal 192.168.1.10:8080", add_2)
+        return (self.assertOnCGN(1, 8080, external_port=18080, description=description_1),
+                self.assertOnCGN(2, 8080, external_port=18081, description=description_2))
+
     def generic_entries(self, i: int, service: str = WANIP1, limit: int = 20) -> list[int]:
         """External ports of GetGenericPortMappingEntry 0, 1, ... until 713 (as upnpc -l)."""
         ports = []
@@ -224,13 +235,7 @@ class VxlanDynamicTests(TunnelCase):
         ifindexes = {i: topo.ifindex(i) for i in (1, 2)}
         stats = {i: self.rx_packets(i) for i in (1, 2)}
 
-        add_1, add_2 = self.parallel(
-            lambda: self.upnpc_ok(1, "-e", "vx one", "-a", SUBSCRIBER_ADDRESS, "8080", "18080", "TCP", "3600"),
-            lambda: self.upnpc_ok(2, "-e", "vx two", "-a", SUBSCRIBER_ADDRESS, "8080", "18081", "TCP", "3600"))
-        self.assertIn("external 5.5.5.5:18080 TCP is redirected to internal 192.168.1.10:8080", add_1)
-        self.assertIn("external 5.5.5.5:18081 TCP is redirected to internal 192.168.1.10:8080", add_2)
-        m1 = self.assertOnCGN(1, 8080, external_port=18080, description="vx one")
-        m2 = self.assertOnCGN(2, 8080, external_port=18081, description="vx two")
+        m1, m2 = self.upnpc_add_8080_in_both("vx one", "vx two")
         self.assertEqual((m1["third_party_id"], m2["third_party_id"]), ("0003e9", "0003ea"))
         self.assertEqual(len(topo.cgn_mappings(internal_port=8080)), 2, topo.cgn_mappings())
         for i in (1, 2):  # the requests really came through the tunnels
@@ -439,13 +444,7 @@ class SharedSSDPSocketTests(TunnelCase):
         self.assertIn("0.0.0.0:1900", sockets[0])
         self.assertEqual(topo.ssdp_joined() & {"tun1", "tun2"}, {"tun1", "tun2"})
 
-        add_1, add_2 = self.parallel(
-            lambda: self.upnpc_ok(1, "-e", "one", "-a", SUBSCRIBER_ADDRESS, "8080", "18080", "TCP", "3600"),
-            lambda: self.upnpc_ok(2, "-e", "two", "-a", SUBSCRIBER_ADDRESS, "8080", "18081", "TCP", "3600"))
-        self.assertIn("external 5.5.5.5:18080 TCP is redirected to internal 192.168.1.10:8080", add_1)
-        self.assertIn("external 5.5.5.5:18081 TCP is redirected to internal 192.168.1.10:8080", add_2)
-        m1 = self.assertOnCGN(1, 8080, external_port=18080, description="one")
-        m2 = self.assertOnCGN(2, 8080, external_port=18081, description="two")
+        m1, m2 = self.upnpc_add_8080_in_both("one", "two")
         self.assertEqual((m1["third_party_id"], m2["third_party_id"]),
                          (third_party_id_hex(1), third_party_id_hex(2)))
         self.assertEqual([r[:5] for r in listed(self.upnpc_ok(1, "-l"))],

@@ -7,13 +7,14 @@ import os
 import tempfile
 from ipaddress import IPv4Address, ip_network
 
+from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from igdpcp.iwf import errors
 from igdpcp.iwf.core import InterworkingFunction
 from igdpcp.iwf.model import MappingKey, MappingRequest
 from igdpcp.iwf.policy import Policy
-from igdpcp.iwf.store import MemoryStore, SQLiteStore
+from igdpcp.iwf.store import MemoryStore, SQLiteStore, StoreError
 from igdpcp.pcp.client import PCPClient, ServerAddress
 from igdpcp.pcplab.cgn import LabCGN
 from igdpcp.pcplab.config import CGNConfig
@@ -107,6 +108,17 @@ class AddTests(IWFTestCase):
         self.assertTrue(view.external_address.is_global)
         self.assertEqual(self.held(), [("0003e9", "192.168.1.10", 8080, 18080)])
         self.assertEqual(len(self.store.rows), 1)
+
+    def test_store_failure_is_501_and_leaves_nothing_on_the_cgn(self):
+        class FailingStore(MemoryStore):
+            def durable(self):
+                return defer.fail(StoreError("write failed: disk I/O error"))
+        self.store = self.iwf.store = FailingStore()
+        with self.assertRaises(errors.ServerFailure):
+            self.add()
+        self.pump(2)
+        self.assertEqual(self.held(), [])  # the CGN's mapping was deleted, not orphaned
+        self.assertEqual(self.iwf.mapping_count(SUB1), 0)  # nor listed without a record
 
     def test_overlapping_subscribers_are_separate(self):
         self.add(SUB1)

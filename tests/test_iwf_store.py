@@ -1,11 +1,13 @@
-"""The SQLite store: rows survive a reopen, one igdpcp per file, one-line open errors."""
+"""The SQLite store: rows survive a reopen, one igdpcp per file, one-line open errors,
+and the writer thread's group commits."""
 
 import os
 import subprocess
 import sys
 import tempfile
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from igdpcp.iwf.store import COLUMNS, MemoryStore, SQLiteStore, StoreError
 
@@ -98,3 +100,46 @@ class SQLiteStoreTests(StoreContract, SynchronousTestCase):
         with self.assertRaises(StoreError) as e:
             SQLiteStore(os.path.join(self.dir, "file", "mappings.sqlite"))
         self.assertNotIn("\n", str(e.exception))
+
+
+class WriterThreadTests(TestCase):
+    """With a reactor, writes are committed by a thread; durable() says when."""
+
+    def setUp(self):
+        self.path = os.path.join(tempfile.mkdtemp(), "mappings.sqlite")
+        self.store = SQLiteStore(self.path, reactor=reactor)
+        self.addCleanup(lambda: self.store.close() if self.store._thread else None)
+
+    @defer.inlineCallbacks
+    def test_durable_after_queued_writes(self):
+        rows = [row(1000 + i) for i in range(500)]
+        for r in rows:
+            self.store.put(r)
+        self.store.delete(rows[0])
+        self.store.replace(rows[1], row(3001, nonce=rows[1]["nonce"]))
+        yield self.store.durable()
+        # What durable() promised is on disk: another connection sees it once we close.
+        self.store.close()
+        stored = SQLiteStore(self.path)
+        self.addCleanup(stored.close)
+        ports = sorted(r["external_port"] for r in stored.load_all())
+        self.assertEqual(ports, sorted([r["external_port"] for r in rows[2:]] + [3001]))
+
+    @defer.inlineCallbacks
+    def test_failed_write_fails_its_waiters_only(self):
+        self.store.put(row(1001, tunnel=None))  # NOT NULL: its batch is rolled back
+        with self.assertRaises(StoreError):
+            yield self.store.durable()
+        self.store.put(row(1002))
+        yield self.store.durable()  # later writes are unaffected
+        self.assertEqual([r["external_port"] for r in self.store.load_all()], [1002])
+
+    @defer.inlineCallbacks
+    def test_close_commits_what_is_queued(self):
+        self.store.put(row(1000))
+        yield self.store.durable()
+        self.store.put(row(1001))
+        self.store.close()  # no durable() for the second write: close still commits it
+        stored = SQLiteStore(self.path)
+        self.addCleanup(stored.close)
+        self.assertEqual(sorted(r["external_port"] for r in stored.load_all()), [1000, 1001])

@@ -49,6 +49,7 @@ from .keeper import Keeper, map_spec
 from .model import PROTOCOLS, MappingKey
 from .policy import Policy
 from .records import PROTOCOL_NUMBERS, MappingRecord, SubscriberTable
+from .store import StoreError
 
 log = logger(__name__)
 
@@ -162,9 +163,17 @@ class InterworkingFunction:
         else:
             self.store.put(record.to_row())
 
+    async def _durable(self, record: MappingRecord) -> None:
+        """Wait until the store has what was written so far; a failed write is a 501 and
+        the CGN's mapping is deleted rather than kept without a record."""
+        try:
+            await self.store.durable()
+        except StoreError:
+            self._delete_on_cgn(record)
+            raise ServerFailure("the mapping could not be stored") from None
+
     def _install(self, record: MappingRecord, old: MappingRecord | None = None) -> None:
-        """Durably store, then show in the table, then keep alive (in that order)."""
-        self._store(record, old)
+        """Show a stored record in the table and keep it alive."""
         table = self._table(record.subscriber.tunnel)
         if old is not None and old.key != record.key:
             table.remove(old.key)
@@ -240,6 +249,8 @@ class InterworkingFunction:
         granted = record.granted(result.external_address, result.lifetime, now)
         if any_port and result.external_port != granted.external_port:
             granted = _moved(granted, result.external_port)
+        self._store(granted, old=existing)
+        await self._durable(granted)  # stored before the answer (RFC 6970 section 5.3)
         if existing is not None and existing.internal_tuple != internal_tuple:
             self._delete_on_cgn(existing)  # the same UPnP key now names another internal port
         self._install(granted, old=existing)
@@ -291,6 +302,7 @@ class InterworkingFunction:
             self._remove(record)  # RFC 6970 section 5.8: CANNOT_PROVIDE_EXTERNAL -> 714
             raise NoSuchEntry("the CGN holds no such mapping") from None
         self._remove(record)
+        await self._durable(record)
         self.stats["delete_ok"] += 1
 
     def delete_range(self, caller, start_port, end_port, protocol, manage):
@@ -473,7 +485,8 @@ class InterworkingFunction:
         if moved:
             granted = _moved(granted, result.external_port)
         if moved or result.external_address != record.external_address:
-            self._install(granted, old=record)  # persist what changed
+            self._store(granted, old=record)  # persist what changed
+            self._install(granted, old=record)
         else:
             self._table(record.subscriber.tunnel).put(granted)
             self.keeper.schedule(granted)

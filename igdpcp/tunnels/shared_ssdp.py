@@ -30,6 +30,7 @@ from twisted.internet import udp
 from twisted.internet.protocol import DatagramProtocol
 
 from ..logs import logger
+from ..pcp.client import grow_receive_buffer
 from .hostsetup import read_sysctl, write_sysctl
 from .listeners import MULTICAST_TTL, SSDP_GROUP, SSDP_PORT
 
@@ -93,6 +94,9 @@ class SharedSSDPPort(udp.Port):
         sock.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, MULTICAST_TTL)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+        # Every tunnel's searches queue here: at 10,000 tunnels the default buffer
+        # overflowed while the reactor was busy starting them.
+        grow_receive_buffer(sock)
         return sock
 
     # -- tunnels
