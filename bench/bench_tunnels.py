@@ -62,7 +62,8 @@ def batch(ns: str | None, lines: list[str], workdir: str, name: str) -> float:
 def wait_line(proc, prefix: str, timeout: float) -> str:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        for line in proc.log().splitlines():
+        text = proc.log()
+        for line in text[:text.rfind("\n") + 1].splitlines():  # whole lines only: DONE is megabytes
             if line.startswith(prefix):
                 return line[len(prefix):].strip()
             if line.startswith("FAILED"):

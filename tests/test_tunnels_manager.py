@@ -20,11 +20,11 @@ class FakeFrontEnd(Service):
     failing = {"vxlan66"}  # as if out of file descriptors
 
     def __init__(self, reactor, iwf, tunnel, interface, address, settings, *, server,
-                 third_party_id, announce_spread):
+                 third_party_id, announce_after):
         self.tunnel, self.interface, self.address, self.server = tunnel, interface, address, server
         self.subscriber = Subscriber(tunnel, b"", server)
         self.third_party_id = third_party_id
-        self.announce_spread = announce_spread
+        self.announce_after = announce_after
         self.fail = interface in self.failing
 
     def startService(self):
@@ -130,9 +130,14 @@ class ManagerTests(SynchronousTestCase):
         self.assertEqual(len(FakeFrontEnd.started), 100)
         self.clock.advance(0)
         self.assertEqual(len(FakeFrontEnd.started), 5000)
-        spreads = [f.announce_spread for f in FakeFrontEnd.started]
-        self.assertEqual(spreads[0], 0.1)
-        self.assertAlmostEqual(spreads[-1], 4999 / 2000)
+        slots = [f.announce_after for f in FakeFrontEnd.started]
+        self.assertAlmostEqual(slots[0], 0.001)  # 1,000 tunnels a second, evenly
+        self.assertAlmostEqual(slots[-1], 5.0)
+        self.assertTrue(all(b - a > 0.0009 for a, b in zip(slots, slots[1:])))
+        self.clock.advance(10)
+        self.manager.link_changed(link("vxlan9", 9))  # later, alone: announces at once
+        self.clock.advance(0)
+        self.assertAlmostEqual(FakeFrontEnd.started[-1].announce_after, 0.001)
 
     def test_link_gone_before_its_turn_never_starts(self):
         self.manager.link_changed(link("vxlan7", 3))

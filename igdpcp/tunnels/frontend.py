@@ -73,13 +73,13 @@ class TunnelFrontEnd(Service):
 
     def __init__(self, reactor, iwf, tunnel: str, interface: str, address: str,
                  settings: FrontEndSettings, *, server: str,
-                 third_party_id: Callable[[], defer.Deferred], announce_spread: float = 0.1):
+                 third_party_id: Callable[[], defer.Deferred], announce_after: float = 0.0):
         self.reactor = reactor
         self.iwf = iwf
         # Names the subscriber for tables, state and events; carries no ID.
         self.subscriber = Subscriber(tunnel, b"", server)
         self.third_party_id = third_party_id
-        self.announce_spread = announce_spread  # first NOTIFY set after random 0..this s
+        self.announce_after = announce_after  # first NOTIFY set after this + random 0..0.1 s
         self.interface = interface
         self.address = address
         self.settings = settings
@@ -140,7 +140,7 @@ class TunnelFrontEnd(Service):
         self.ssdp = SSDPProtocol(
             self.reactor, self.models[s.igd_version], location, random=random.SystemRandom(),
             boot_id=s.boot_id, advertise=AdvertiseSchedule(
-                interval=s.advertise_interval, initial_delay_max=self.announce_spread))
+                interval=s.advertise_interval, initial_delay=self.announce_after))
         try:
             self.ports.append(listen_tcp(self.reactor, s.http_port, make_site(resource),
                                          device=self.interface, interface=self.address))

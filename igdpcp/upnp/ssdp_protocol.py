@@ -34,7 +34,7 @@ MAX_PENDING_ANSWERS = 256
 class AdvertiseSchedule:
     """When NOTIFY sets go out (UDA 1.1 section 1.2.2; miniupnpd's numbers).
 
-    The first set after a random 0..``initial_delay_max`` s, the whole set
+    The first set after ``initial_delay`` plus a random 0..``initial_delay_max`` s, the whole set
     ``repeats`` times ``repeat_gap`` s apart, then again every ``interval``
     minus a random ``jitter`` s (so below max-age/2 with the defaults).
     ``byebye_first`` None means: only for IGD:2 (igd.md section 4.2).
@@ -46,6 +46,7 @@ class AdvertiseSchedule:
     repeats: int = 2
     repeat_gap: float = 0.25
     initial_delay_max: float = 0.1
+    initial_delay: float = 0.0  # a pacing slot (tunnels.manager), before the random part
     byebye_first: bool | None = None
 
     def __post_init__(self):
@@ -100,7 +101,7 @@ class SSDPProtocol(DatagramProtocol):
         # socket is still open: keep it to say byebye on the way out.
         self._transport = self.transport
         if self.advertise is not None:
-            delay = self.random.uniform(0.0, self.advertise.initial_delay_max)
+            delay = self.advertise.initial_delay + self.random.uniform(0.0, self.advertise.initial_delay_max)
             self._later(delay, self._announce, True)
 
     def stopProtocol(self):
