@@ -83,13 +83,14 @@ class StubIWF:
         self.observers -= 1
 
 
-def make_front_end(iwf, name: str, i: int, address: str, settings):
-    """A TunnelFrontEnd for ``name``, its first NOTIFY set paced as TunnelManager paces it
-    (all start at once here, so tunnel i gets slot i)."""
+def make_front_end(iwf, name: str, i: int, address: str, settings, t0: float):
+    """A TunnelFrontEnd for ``name``, its first NOTIFY set paced as TunnelManager paces it:
+    tunnel i (all asked for at ``t0``) gets the slot t0 + (i + 1) / rate."""
     tpid = b"\x00" + i.to_bytes(3, "big")
+    slot = t0 + (i + 1) / ANNOUNCE_TUNNELS_PER_SECOND
     return TunnelFrontEnd(reactor, iwf, name, name, address, settings, server="default",
                           third_party_id=lambda: defer.succeed(tpid),
-                          announce_after=(i + 1) / ANNOUNCE_TUNNELS_PER_SECOND)
+                          announce_after=max(0.0, slot - reactor.seconds()))
 
 
 def status(field: str) -> int:
@@ -195,8 +196,9 @@ def main() -> None:
         # A few descriptors held back, so that the figures can still be read
         # (/proc) if the front ends run the process out of descriptors.
         reserve = [os.open("/dev/null", os.O_RDONLY) for _ in range(16)]
+        slots_from = reactor.seconds()
         for i, name in enumerate(names):
-            fe = make_front_end(iwf, name, i, args.address, settings)
+            fe = make_front_end(iwf, name, i, args.address, settings, slots_from)
             try:
                 fe.startService()
             except Exception as e:  # e.g. EMFILE: out of file descriptors
