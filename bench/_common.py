@@ -224,6 +224,18 @@ def stop_child(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+async def profiled(awaitable):
+    """(result, cProfile.Profile) of awaiting ``awaitable`` with the profiler on."""
+    import cProfile
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        result = await awaitable
+    finally:
+        profiler.disable()
+    return result, profiler
+
+
 def profile_report(profiler, limit: int = 25, title: str = "profile") -> None:
     """Top functions by own time, then by cumulative time."""
     import io

@@ -160,12 +160,8 @@ async def run(reactor, args, out: dict) -> None:
         phases.append(await measured(reactor, f"igdpcp closed loop, {preloaded:,} pre-loaded", stack.cgn.pid,
                                      watch, load(stack.port.getHost().port, "closed", duration, warmup)))
         if args.profile:
-            import cProfile
-            profiler = cProfile.Profile()
-            profiler.enable()
-            out["profiled"] = await load(stack.port.getHost().port, "closed", duration, warmup)
-            profiler.disable()
-            out["profiler"] = profiler
+            out["profiled"], out["profiler"] = await c.profiled(
+                load(stack.port.getHost().port, "closed", duration, warmup))
     finally:
         await stack.close()
 

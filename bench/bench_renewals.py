@@ -105,12 +105,7 @@ async def run(reactor, args, out: dict) -> None:
         out["cgn_mappings"] = cgn.get("mappings")
         out["cgn_expired"] = cgn.get("counters", {}).get("expired", 0)
         if args.profile:
-            import cProfile
-            profiler = cProfile.Profile()
-            profiler.enable()
-            await task.deferLater(reactor, args.lifetime, lambda: None)
-            profiler.disable()
-            out["profiler"] = profiler
+            _, out["profiler"] = await c.profiled(task.deferLater(reactor, args.lifetime, lambda: None))
     finally:
         await stack.close()
 

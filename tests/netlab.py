@@ -116,6 +116,15 @@ def reap_stale(prefix: str) -> list[str]:
     return gone
 
 
+def read_log(path: str) -> str:
+    """A process's log file so far ("" before it exists)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
 @dataclass
 class Process:
     """A background process started by :meth:`Lab.spawn`; stdout and stderr go to ``log_path``."""
@@ -133,11 +142,7 @@ class Process:
 
     def log(self) -> str:
         """Everything the process printed so far."""
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
 
 class Lab:

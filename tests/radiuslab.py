@@ -23,6 +23,8 @@ import tempfile
 import time
 from unittest import SkipTest
 
+from . import netlab
+
 SOURCE = "/etc/freeradius/3.0"
 READY = "Ready to process requests"
 
@@ -143,11 +145,7 @@ class FreeRadius:
             raise
 
     def log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return netlab.read_log(self.log_path)
 
     def requests_seen(self) -> int:
         """Access-Requests the server logged so far."""

@@ -163,13 +163,14 @@ class InterworkingFunction:
         else:
             self.store.put(record.to_row())
 
-    async def _durable(self, record: MappingRecord) -> None:
-        """Wait until the store has what was written so far; a failed write is a 501 and
-        the CGN's mapping is deleted rather than kept without a record."""
+    async def _durable(self, granted: MappingRecord | None = None) -> None:
+        """Wait until the store has what was written so far; a failed write is a 501, and a
+        just ``granted`` mapping is deleted on the CGN rather than kept without a record."""
         try:
             await self.store.durable()
         except StoreError:
-            self._delete_on_cgn(record)
+            if granted is not None:
+                self._delete_on_cgn(granted)
             raise ServerFailure("the mapping could not be stored") from None
 
     def _install(self, record: MappingRecord, old: MappingRecord | None = None) -> None:
@@ -302,7 +303,7 @@ class InterworkingFunction:
             self._remove(record)  # RFC 6970 section 5.8: CANNOT_PROVIDE_EXTERNAL -> 714
             raise NoSuchEntry("the CGN holds no such mapping") from None
         self._remove(record)
-        await self._durable(record)
+        await self._durable()  # already deleted on the CGN
         self.stats["delete_ok"] += 1
 
     def delete_range(self, caller, start_port, end_port, protocol, manage):

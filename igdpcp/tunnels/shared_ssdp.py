@@ -154,9 +154,8 @@ class SharedSSDPPort(udp.Port):
                 log.failure("SSDP datagram handling failed")
 
     def connectionLost(self, reason=None):
-        for ifindex, protocol in list(self.tunnels.items()):
-            self.detach(ifindex)
-            protocol.doStop()
+        for protocol in list(self.tunnels.values()):
+            protocol.transport.stopListening()  # byebye first, as when one tunnel goes
         super().connectionLost(reason)
 
 

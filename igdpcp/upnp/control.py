@@ -135,14 +135,11 @@ class Control:
                 d = self.call(caller, service_name, request.service_type, request.action, request.args)
             except Exception:
                 d = defer.fail()
-        return d.addCallbacks(self._reply, self._fault_reply, callbackArgs=(request,))
+        return d.addCallback(self._reply, request).addErrback(self._fault_reply)
 
-    def _reply(self, out, request: soap.SoapRequest) -> Reply:
-        try:
-            return Reply(200, soap.build_response(request.service_type, request.action, out))
-        except Exception:
-            self._log.failure("answer could not be built")
-            return Reply(500, soap.build_fault(501, ERROR_NAMES[501]))
+    @staticmethod
+    def _reply(out, request: soap.SoapRequest) -> Reply:
+        return Reply(200, soap.build_response(request.service_type, request.action, out))
 
     def call(self, caller: Caller, service_name: str, service_type: str, action: str,
              args: Mapping[str, str]) -> defer.Deferred:
