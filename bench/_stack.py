@@ -71,7 +71,7 @@ class Stack:
         cgn_settings.setdefault("pool", "5.5.0.0/22")
         self.cgn = c.LabCGNProcess("127.0.0.2", **cgn_settings).start()
         self.dir = tempfile.mkdtemp(prefix="bench-iwf-")
-        self.store = SQLiteStore(os.path.join(self.dir, "mappings.sqlite"), reactor=reactor)
+        self.store = SQLiteStore(os.path.join(self.dir, "mappings.sqlite"))
         self.client = PCPClient(reactor, {"cgn": ServerAddress("127.0.0.2", self.cgn.port)},
                                 bind="127.0.0.1")
         self.iwf = InterworkingFunction(reactor, self.client, self.store, policy, bound=CallBound())

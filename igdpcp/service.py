@@ -88,7 +88,7 @@ class CoreService(Service):
             reactor, {s.name: ServerAddress(s.address, s.port) for s in config.servers},
             bind=config.pcp_bind)
         try:
-            self.store = SQLiteStore(config.store_path, config.store_sync, reactor=reactor)
+            self.store = SQLiteStore(config.store_path, config.store_sync)
         except StoreError as e:
             raise ConfigError(f"store.path: {e}") from None
         self.iwf = InterworkingFunction(

@@ -109,16 +109,26 @@ class AddTests(IWFTestCase):
         self.assertEqual(self.held(), [("0003e9", "192.168.1.10", 8080, 18080)])
         self.assertEqual(len(self.store.rows), 1)
 
-    def test_store_failure_is_501_and_leaves_nothing_on_the_cgn(self):
-        class FailingStore(MemoryStore):
-            def durable(self):
-                return defer.fail(StoreError("write failed: disk I/O error"))
-        self.store = self.iwf.store = FailingStore()
+    def assert_store_failure_is_501_and_leaves_nothing_on_the_cgn(self, store):
+        self.store = self.iwf.store = store
         with self.assertRaises(errors.ServerFailure):
             self.add()
         self.pump(2)
         self.assertEqual(self.held(), [])  # the CGN's mapping was deleted, not orphaned
         self.assertEqual(self.iwf.mapping_count(SUB1), 0)  # nor listed without a record
+        self.assertEqual(self.iwf.stats["store_failed"], 1)
+
+    def test_failed_write_is_501_and_leaves_nothing_on_the_cgn(self):
+        class FailingWrite(MemoryStore):  # as SQLiteStore fails: the write raises
+            def put(self, row):
+                raise StoreError("write failed: disk I/O error")
+        self.assert_store_failure_is_501_and_leaves_nothing_on_the_cgn(FailingWrite())
+
+    def test_failed_background_commit_is_501_and_leaves_nothing_on_the_cgn(self):
+        class FailingCommit(MemoryStore):  # a store that commits later, and fails
+            def durable(self):
+                return defer.fail(StoreError("write failed: disk I/O error"))
+        self.assert_store_failure_is_501_and_leaves_nothing_on_the_cgn(FailingCommit())
 
     def test_overlapping_subscribers_are_separate(self):
         self.add(SUB1)

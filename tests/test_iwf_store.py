@@ -1,13 +1,12 @@
 """The SQLite store: rows survive a reopen, one igdpcp per file, one-line open errors,
-and the writer thread's group commits."""
+and a failed write that raises and leaves nothing half-done."""
 
 import os
 import subprocess
 import sys
 import tempfile
 
-from twisted.internet import defer, reactor
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from igdpcp.iwf.store import COLUMNS, MemoryStore, SQLiteStore, StoreError
 
@@ -102,44 +101,38 @@ class SQLiteStoreTests(StoreContract, SynchronousTestCase):
         self.assertNotIn("\n", str(e.exception))
 
 
-class WriterThreadTests(TestCase):
-    """With a reactor, writes are committed by a thread; durable() says when."""
+class WriteTests(SynchronousTestCase):
+    """Every write is committed when it returns; a failed one raises and changes nothing."""
 
     def setUp(self):
         self.path = os.path.join(tempfile.mkdtemp(), "mappings.sqlite")
-        self.store = SQLiteStore(self.path, reactor=reactor)
-        self.addCleanup(lambda: self.store.close() if self.store._thread else None)
+        self.store = SQLiteStore(self.path)
 
-    @defer.inlineCallbacks
-    def test_durable_after_queued_writes(self):
-        rows = [row(1000 + i) for i in range(500)]
+    def reopened(self) -> list[int]:
+        """What is on disk: the ports another opener sees once this store is closed."""
+        self.store.close()
+        stored = SQLiteStore(self.path)
+        self.addCleanup(stored.close)
+        return sorted(r["external_port"] for r in stored.load_all())
+
+    def test_writes_are_on_disk_when_they_return(self):
+        rows = [row(1000 + i) for i in range(50)]
         for r in rows:
             self.store.put(r)
         self.store.delete(rows[0])
         self.store.replace(rows[1], row(3001, nonce=rows[1]["nonce"]))
-        yield self.store.durable()
-        # What durable() promised is on disk: another connection sees it once we close.
-        self.store.close()
-        stored = SQLiteStore(self.path)
-        self.addCleanup(stored.close)
-        ports = sorted(r["external_port"] for r in stored.load_all())
-        self.assertEqual(ports, sorted([r["external_port"] for r in rows[2:]] + [3001]))
+        self.assertIsNone(self.successResultOf(self.store.durable()))
+        self.assertEqual(self.reopened(), sorted([r["external_port"] for r in rows[2:]] + [3001]))
 
-    @defer.inlineCallbacks
-    def test_failed_write_fails_its_waiters_only(self):
-        self.store.put(row(1001, tunnel=None))  # NOT NULL: its batch is rolled back
-        with self.assertRaises(StoreError):
-            yield self.store.durable()
+    def test_failed_write_raises_and_later_writes_work(self):
+        with self.assertRaises(StoreError) as e:
+            self.store.put(row(1001, tunnel=None))  # NOT NULL
+        self.assertNotIn("\n", str(e.exception))
         self.store.put(row(1002))
-        yield self.store.durable()  # later writes are unaffected
-        self.assertEqual([r["external_port"] for r in self.store.load_all()], [1002])
+        self.assertEqual(self.reopened(), [1002])
 
-    @defer.inlineCallbacks
-    def test_close_commits_what_is_queued(self):
+    def test_failed_replace_keeps_the_old_row(self):
         self.store.put(row(1000))
-        yield self.store.durable()
-        self.store.put(row(1001))
-        self.store.close()  # no durable() for the second write: close still commits it
-        stored = SQLiteStore(self.path)
-        self.addCleanup(stored.close)
-        self.assertEqual(sorted(r["external_port"] for r in stored.load_all()), [1000, 1001])
+        with self.assertRaises(StoreError):
+            self.store.replace(row(1000), row(1001, tunnel=None))
+        self.assertEqual(self.reopened(), [1000])

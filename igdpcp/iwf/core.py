@@ -100,7 +100,7 @@ class InterworkingFunction:
         for row in self.store.load_all():
             record = MappingRecord.from_row(row)
             if record.lease_end is not None and record.lease_end <= now:
-                self.store.delete(row)
+                self._write_quietly(self.store.delete, row)
                 self._delete_on_cgn(record)
                 continue
             self._table(record.subscriber.tunnel).put(record)
@@ -163,15 +163,26 @@ class InterworkingFunction:
         else:
             self.store.put(record.to_row())
 
-    async def _durable(self, granted: MappingRecord | None = None) -> None:
-        """Wait until the store has what was written so far; a failed write is a 501, and a
-        just ``granted`` mapping is deleted on the CGN rather than kept without a record."""
+    async def _persist(self, write, *args, granted: MappingRecord | None = None) -> None:
+        """Make a store write durable before the SOAP answer (RFC 6970 section 5.3).  A
+        failed write is a 501, and a just ``granted`` mapping is deleted on the CGN
+        rather than kept without a record."""
         try:
+            write(*args)
             await self.store.durable()
         except StoreError:
+            self.stats["store_failed"] += 1
             if granted is not None:
                 self._delete_on_cgn(granted)
             raise ServerFailure("the mapping could not be stored") from None
+
+    def _write_quietly(self, write, *args) -> None:
+        """A store write nobody waits for (renewals, lease ends): the store logs a
+        failure, the table stays the truth until the next restart."""
+        try:
+            write(*args)
+        except StoreError:
+            self.stats["store_failed"] += 1
 
     def _install(self, record: MappingRecord, old: MappingRecord | None = None) -> None:
         """Show a stored record in the table and keep it alive."""
@@ -184,13 +195,18 @@ class InterworkingFunction:
         learned = self._learn_address(record.subscriber.tunnel, record.external_address)
         self._notify(record.subscriber.tunnel, external_address=learned)
 
-    def _remove(self, record: MappingRecord) -> None:
+    def _unlist(self, record: MappingRecord) -> bool:
+        """Take a record out of the table and the keeper; False if it was not there."""
         table = self.tables.get(record.subscriber.tunnel)
         if table is None or table.remove(record.key) is None:
-            return
-        self.store.delete(record.to_row())
+            return False
         self.keeper.cancel(record)
         self._notify(record.subscriber.tunnel)
+        return True
+
+    def _remove(self, record: MappingRecord) -> None:
+        if self._unlist(record):
+            self._write_quietly(self.store.delete, record.to_row())
 
     def _learn_address(self, tunnel: str, address) -> bool:
         """Remember the subscriber's external address; True when it changed (an event is due)."""
@@ -250,8 +266,7 @@ class InterworkingFunction:
         granted = record.granted(result.external_address, result.lifetime, now)
         if any_port and result.external_port != granted.external_port:
             granted = _moved(granted, result.external_port)
-        self._store(granted, old=existing)
-        await self._durable(granted)  # stored before the answer (RFC 6970 section 5.3)
+        await self._persist(self._store, granted, existing, granted=granted)
         if existing is not None and existing.internal_tuple != internal_tuple:
             self._delete_on_cgn(existing)  # the same UPnP key now names another internal port
         self._install(granted, old=existing)
@@ -302,8 +317,8 @@ class InterworkingFunction:
         except Conflict:
             self._remove(record)  # RFC 6970 section 5.8: CANNOT_PROVIDE_EXTERNAL -> 714
             raise NoSuchEntry("the CGN holds no such mapping") from None
-        self._remove(record)
-        await self._durable()  # already deleted on the CGN
+        if self._unlist(record):  # already deleted on the CGN
+            await self._persist(self.store.delete, record.to_row())
         self.stats["delete_ok"] += 1
 
     def delete_range(self, caller, start_port, end_port, protocol, manage):
@@ -486,7 +501,7 @@ class InterworkingFunction:
         if moved:
             granted = _moved(granted, result.external_port)
         if moved or result.external_address != record.external_address:
-            self._store(granted, old=record)  # persist what changed
+            self._write_quietly(self._store, granted, record)  # persist what changed
             self._install(granted, old=record)
         else:
             self._table(record.subscriber.tunnel).put(granted)
