@@ -130,6 +130,21 @@ class AddTests(IWFTestCase):
                 return defer.fail(StoreError("write failed: disk I/O error"))
         self.assert_store_failure_is_501_and_leaves_nothing_on_the_cgn(FailingCommit())
 
+    def test_calls_on_one_mapping_take_turns(self):
+        caller = Caller(SUB1, HOST)
+        first = self.iwf.add_mapping(caller, request(lease=1000))
+        delete = self.iwf.delete_mapping(caller, MappingKey(None, 18080, "TCP"))
+        second = self.iwf.add_mapping(caller, request(lease=2000))
+        other = self.iwf.add_mapping(caller, request(port=18081, internal_port=8081))
+        self.assertEqual(len(self.client._server("cgn").pending), 2)  # the 1st add and the other port
+        self.assertLessEqual(self.drive(first).lease, 1000)
+        self.drive(delete)  # ran only after the add it follows, so it found the mapping
+        self.assertGreater(self.drive(second).lease, 1000)  # and the re-add after it made it again
+        self.drive(other)
+        self.assertEqual(self.held(), [("0003e9", "192.168.1.10", 8080, 18080),
+                                       ("0003e9", "192.168.1.10", 8081, 18081)])
+        self.assertEqual(self.iwf.busy, {})
+
     def test_overlapping_subscribers_are_separate(self):
         self.add(SUB1)
         with self.assertRaises(errors.Conflict):  # PREFER_FAILURE: the CGN's port is taken

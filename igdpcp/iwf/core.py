@@ -80,7 +80,7 @@ class InterworkingFunction:
         self.tables: dict[str, SubscriberTable] = {}
         self.observers: dict[str, list] = {}
         self.observed_server: dict[str, str] = {}  # tunnel -> its PCP server, for ConnectionStatus
-        self.locks: dict[tuple, defer.DeferredLock] = {}
+        self.busy: dict[tuple, list] = {}  # (tunnel, protocol, port) -> Deferreds waiting their turn
         self.probes: dict[tuple, bytes] = {}  # (tunnel, internal tuple) -> nonce of an undeleted probe
         # nonce -> (server, spec) of PREFER_FAILURE requests awaiting an answer (see mapping_update)
         self.exact: dict[bytes, tuple] = {}
@@ -120,17 +120,27 @@ class InterworkingFunction:
         return table
 
     def _locked(self, caller, protocol, port, fn, *args):
+        """Run the coroutine ``fn(*args)`` alone for its (tunnel, protocol, port): calls on
+        one mapping are serialized.  Uncontended, it runs at once, without a lock object."""
         key = (caller.subscriber.tunnel, protocol, port)
-        lock = self.locks.get(key)
-        if lock is None:
-            lock = self.locks[key] = defer.DeferredLock()
+        waiting = self.busy.get(key)
+        if waiting is None:
+            self.busy[key] = []
+            return self._run_locked(key, fn, args)
+        turn = defer.Deferred()
+        waiting.append(turn)
+        return turn.addCallback(lambda _: self._run_locked(key, fn, args))
 
+    def _run_locked(self, key, fn, args):
         def release(result):
-            if not lock.locked and not lock.waiting:
-                self.locks.pop(key, None)
+            waiting = self.busy[key]
+            if waiting:
+                waiting.pop(0).callback(None)
+            else:
+                del self.busy[key]
             return result
 
-        return lock.run(lambda: defer.ensureDeferred(fn(*args))).addBoth(release)
+        return defer.ensureDeferred(fn(*args)).addBoth(release)
 
     def _seen(self, server: str) -> None:
         self.server_seen[server] = self.reactor.seconds()

@@ -172,8 +172,13 @@ def _options(spec, *, mapping: bool, delete: bool = False) -> tuple:
 
 
 class _Transaction:
+    """One request until its answer, its deadline or its last retransmission.
+
+    It has one timer at a time: the next retransmission, or the deadline when
+    that comes first (or while the request waits for room on the wire)."""
+
     __slots__ = ("server", "key", "data", "deferred", "policy", "sends", "started", "rt",
-                 "timer", "deadline_call", "check")
+                 "timer", "deadline_at", "check")
 
     def __init__(self, server, key, data, policy, started, check):
         self.server = server
@@ -185,17 +190,17 @@ class _Transaction:
         self.started = started
         self.rt = 0.0
         self.timer = None
-        self.deadline_call = None
+        self.deadline_at = None
         self.check = check
 
     def _cancel(self, _d):
         self.server.forget(self)
 
-    def stop_timers(self):
-        for call in (self.timer, self.deadline_call):
-            if call is not None and call.active():
-                call.cancel()
-        self.timer = self.deadline_call = None
+    def stop_timer(self):
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
 
 
 class _ServerProtocol(DatagramProtocol):
@@ -247,18 +252,21 @@ class _Server:
     def submit(self, tx: _Transaction, deadline: float | None) -> None:
         old = self.pending.pop(tx.key, None) or self.waiting.pop(tx.key, None)
         if old is not None:
-            old.stop_timers()
+            old.stop_timer()
             old.deferred.errback(PCPSuperseded())
             self.admit()
         if deadline is not None:
-            tx.deadline_call = self.client.reactor.callLater(deadline, self.expire, tx)
+            tx.deadline_at = tx.started + deadline
         if len(self.pending) >= self.client.max_in_flight:
             self.waiting[tx.key] = tx
             self.client.stats["queued"] += 1
+            if deadline is not None:  # its deadline runs while it waits
+                tx.timer = self.client.reactor.callLater(deadline, self.expire, tx)
             return
         self.launch(tx)
 
     def launch(self, tx: _Transaction) -> None:
+        tx.stop_timer()
         self.pending[tx.key] = tx
         tx.rt = tx.policy.first(self.client.rng)
         self.transmit(tx)
@@ -284,7 +292,12 @@ class _Server:
             log.warn("PCP server {server} unreachable after {n} transmissions",
                      server=self.name, n=tx.sends)
             self.client.notify("server_unreachable", self.name)
-        tx.timer = self.client.reactor.callLater(tx.rt, self.retransmit, tx)
+        reactor = self.client.reactor
+        left = None if tx.deadline_at is None else tx.deadline_at - reactor.seconds()
+        if left is not None and left <= tx.rt:
+            tx.timer = reactor.callLater(max(0.0, left), self.expire, tx)
+        else:
+            tx.timer = reactor.callLater(tx.rt, self.retransmit, tx)
 
     def retransmit(self, tx: _Transaction) -> None:
         tx.timer = None
@@ -296,7 +309,7 @@ class _Server:
         self.transmit(tx)
 
     def expire(self, tx: _Transaction) -> None:
-        tx.deadline_call = None
+        tx.timer = None
         self.client.stats["deadline_expired"] += 1
         self.fail(tx, PCPTimeout(self.name, tx.sends))
 
@@ -306,7 +319,7 @@ class _Server:
             self.admit()
         elif self.waiting.get(tx.key) is tx:
             del self.waiting[tx.key]
-        tx.stop_timers()
+        tx.stop_timer()
 
     def fail(self, tx: _Transaction, failure: Exception) -> None:
         self.forget(tx)
