@@ -155,7 +155,7 @@ class WatcherService(Service):
             self.ids.start()
         self.watcher.start()
         # Front ends and mappings are long-lived: keep them out of the collector's passes.
-        self.gc_loop = gcpolicy.install(self.watcher.reactor)
+        self.gc_policy = gcpolicy.install(self.watcher.reactor)
         if self.static_interfaces:
             d = threads.deferToThread(hostsetup.startup_warnings, self.static_interfaces)
             d.addCallback(self._warn_private)
@@ -169,7 +169,7 @@ class WatcherService(Service):
 
     def stopService(self):
         super().stopService()
-        gcpolicy.uninstall(getattr(self, "gc_loop", None))
+        gcpolicy.uninstall(getattr(self, "gc_policy", None))
         self.watcher.stop()
         if hasattr(self.ids, "stop"):
             return self.ids.stop()

@@ -1,4 +1,5 @@
-"""The garbage-collector policy: survivors of full collections are frozen, the sweep unfreezes."""
+"""The garbage-collector policy: survivors of older-generation collections are frozen, a
+young pass runs on the clock, the sweep unfreezes."""
 
 import gc
 
@@ -24,9 +25,21 @@ class GCPolicyTests(SynchronousTestCase):
         gc.collect()
         self.assertGreater(gc.get_freeze_count(), 0)
         frozen = gc.get_freeze_count()
-        gc.collect(0)  # a young collection freezes nothing
+        more = [Cycle() for _ in range(100)]
+        gc.collect(0)  # a generation-0 collection freezes nothing
         self.assertEqual(gc.get_freeze_count(), frozen)
-        del keep
+        del keep, more
+
+    def test_young_pass_on_the_clock_freezes_what_is_new(self):
+        keep = Cycle()
+
+        def collected():  # frozen objects are in no generation the collector walks
+            return any(o is keep for o in gc.get_objects())
+        self.assertTrue(collected())
+        self.clock.advance(gcpolicy.YOUNG_SECONDS / 2)
+        self.assertTrue(collected())
+        self.clock.advance(gcpolicy.YOUNG_SECONDS / 2)
+        self.assertFalse(collected())
 
     def test_sweep_collects_frozen_garbage(self):
         import weakref
@@ -41,6 +54,6 @@ class GCPolicyTests(SynchronousTestCase):
 
     def test_uninstall(self):
         gcpolicy.uninstall(self.loop)
-        self.assertNotIn(gcpolicy._freeze_after_full, gc.callbacks)
+        self.assertNotIn(gcpolicy._freeze_survivors, gc.callbacks)
         self.assertEqual(gc.get_freeze_count(), 0)
-        self.assertFalse(self.loop.running)
+        self.assertFalse(any(loop.running for loop in self.loop.loops))

@@ -268,6 +268,17 @@ class RenewalTests(IWFTestCase):
         self.assertEqual(self.iwf.mapping_count(SUB1), 0)
         self.assertEqual(self.store.rows, {})
 
+    def test_lease_end_with_a_failing_store_still_deletes_on_cgn(self):
+        self.add(lease=300)
+
+        def failing(row):
+            raise StoreError("write failed: disk I/O error")
+        self.store.delete = failing
+        self.pump(302, step=1)
+        self.assertEqual(self.held(), [])  # the lease ended on the CGN all the same
+        self.assertEqual(self.iwf.mapping_count(SUB1), 0)
+        self.assertEqual(self.iwf.stats["store_failed"], 1)  # counted; the store logged it
+
     def test_silent_cgn_then_back(self):
         self.add(lease=3600)
         self.clock.silent = True
