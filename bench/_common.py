@@ -251,6 +251,16 @@ def profile_report(profiler, limit: int = 25, title: str = "profile") -> None:
     sys.stdout.flush()
 
 
+def react(main) -> None:
+    """``task.react(main)``, returning on success instead of exiting, so the caller can report."""
+    from twisted.internet import task
+    try:
+        task.react(main)
+    except SystemExit as e:
+        if e.code:
+            raise
+
+
 def quiet_twisted_logging() -> None:
     """Begin Twisted logging as twistd would, keeping warnings and errors only
     (to stderr).  Without it the global log beginner buffers up to 65,536

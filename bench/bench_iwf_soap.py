@@ -52,7 +52,7 @@ import sys
 import _common as c
 from _stack import GCWatch, Stack, freeze_after_full_collections, preload
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web import resource, server
 
@@ -233,11 +233,7 @@ def main() -> None:
             return defer.ensureDeferred(only_breakdown())
         return defer.ensureDeferred(run(reactor, args, out))
 
-    try:
-        task.react(start)
-    except SystemExit as e:
-        if e.code:
-            raise
+    c.react(start)
     if args.breakdown:
         c.table("CPU per AddPortMapping by layer, in-process, no sockets",
                 ["layer", "CPU us/call"], [[name, f"{us:.0f}"] for name, us in out["breakdown"]],

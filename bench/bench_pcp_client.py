@@ -421,17 +421,12 @@ def main() -> None:
                                      ("cgn", 100_000, 10_000 if args.quick else 100_000)])
     results: list = []
 
-    from twisted.internet import task
     c.quiet_twisted_logging()
 
     def run(reactor):
         return defer.ensureDeferred(throughput(reactor, args, results))
 
-    try:
-        task.react(run)
-    except SystemExit as e:
-        if e.code:
-            raise
+    c.react(run)
     report(results, mem_out, mem_cgn, args)
 
 

@@ -170,11 +170,7 @@ def main() -> None:
     def start(reactor):
         return defer.ensureDeferred(run(reactor, args, out))
 
-    try:
-        task.react(start)
-    except SystemExit as e:
-        if e.code:
-            raise
+    c.react(start)
     report(out, args)
 
 
