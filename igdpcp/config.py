@@ -8,6 +8,7 @@ a bad one raises :class:`ConfigError` whose message starts with the key, e.g.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from .iwf.policy import DEFAULT_RULES, PermissionRule, Policy
 from .pcp import tpid as tpids
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+MAX_WORKERS = 256
 
 
 class ConfigError(usage.UsageError):
@@ -61,6 +63,7 @@ class Config:
     tunnels: tuple = ()
     dynamic: object = None  # tunnels.manager.DynamicTunnels, or None
     ids: dict = field(default_factory=dict, repr=False)  # the [ids] table, for idsource.make_source
+    workers: int = 1  # worker processes, each owning a shard of the tunnels (igdpcp.workers)
 
 
 def _err(key: str, message: str) -> ConfigError:
@@ -116,7 +119,7 @@ def load(path: str) -> Config:
 
 def parse(data: dict) -> Config:
     _unknown_keys(data, {"igd", "pcp", "leases", "policy", "store", "log", "privacy", "tunnels",
-                         "dynamic", "ids"}, "")
+                         "dynamic", "ids", "process"}, "")
     d = Config()
     igd = _table(data, "igd")
     _unknown_keys(igd, {"version", "friendly_name", "http_port", "advertise_interval", "ssdp_socket"},
@@ -133,6 +136,8 @@ def parse(data: dict) -> Config:
     _unknown_keys(logs, {"level"}, "log.")
     privacy = _table(data, "privacy")
     _unknown_keys(privacy, {"key"}, "privacy.")
+    process = _table(data, "process")
+    _unknown_keys(process, {"workers"}, "process.")
 
     servers = _servers(pcp)
     policy = Policy(
@@ -156,6 +161,11 @@ def parse(data: dict) -> Config:
             raise _err("privacy.key", "must be at least 16 octets (32 hex digits)")
     else:
         key_bytes = None
+    workers = _workers(process)
+    if workers > 1 and igd.get("ssdp_socket") == "shared":
+        # Unicast M-SEARCHes to port 1900 would reach one worker's socket, maybe not the
+        # tunnel's owner; per-tunnel sockets are bound to their interface.
+        raise _err("process.workers", 'more than one worker needs igd.ssdp_socket = "per-tunnel"')
     if data.get("dynamic") and not data.get("ids"):
         raise _err("ids.source", "missing: [dynamic] tunnels need an ID source")
     return Config(
@@ -184,7 +194,18 @@ def parse(data: dict) -> Config:
         tunnels=_tunnels(data, {s.name for s in servers}),
         dynamic=_dynamic(data, [s.name for s in servers]),
         ids=_ids(data),
+        workers=workers,
     )
+
+
+def _workers(process: dict) -> int:
+    """An integer, or "auto": one per CPU this process may run on."""
+    value = process.get("workers", 1)
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if isinstance(value, str):
+        raise _err("process.workers", f'expected an integer or "auto", got {value!r}')
+    return _typed(process, "workers", "process.", int, 1, _range(1, MAX_WORKERS))
 
 
 def _table(data: dict, key: str, prefix: str = "") -> dict:

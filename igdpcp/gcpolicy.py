@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 
+from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 
 SWEEP_SECONDS = 3600.0
@@ -78,3 +79,22 @@ def uninstall(policy: GCPolicy | None = None) -> None:
     if policy is not None:
         policy.stop()
     gc.unfreeze()
+
+
+class GCPolicyService(Service):
+    """The policy for as long as a process's service runs (igdpcp, its workers, the lab CGN)."""
+
+    name = "gc-policy"
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.policy = None
+
+    def startService(self):
+        super().startService()
+        self.policy = install(self.clock)
+
+    def stopService(self):
+        super().stopService()
+        uninstall(self.policy)
+        self.policy = None

@@ -14,8 +14,8 @@ import time
 from twisted.application.service import MultiService, Service
 from twisted.internet import threads
 
-from . import gcpolicy
 from .config import Config, ConfigError
+from .gcpolicy import GCPolicyService
 from .iwf.core import InterworkingFunction
 from .iwf.exchange import CallBound
 from .iwf.store import SQLiteStore, StoreError
@@ -28,6 +28,7 @@ from .tunnels.idsource import make_source
 from .tunnels.manager import TunnelManager
 from .tunnels.netlink import LinkWatcher
 from .tunnels.shared_ssdp import SharedSSDPService
+from .workers import ParentWatchService, Shard, WorkerPool, reshard, worker_argv
 
 
 log = logger(__name__)
@@ -81,20 +82,21 @@ class CoreService(Service):
 
     name = "core"
 
-    def __init__(self, reactor, config: Config):
+    def __init__(self, reactor, config: Config, shard: Shard = Shard()):
         self.reactor = reactor
         self.config = config
         self.client = PCPClient(
             reactor, {s.name: ServerAddress(s.address, s.port) for s in config.servers},
             bind=config.pcp_bind)
         try:
-            self.store = SQLiteStore(config.store_path, config.store_sync)
+            self.store = SQLiteStore(shard.store_path(config.store_path), config.store_sync)
         except StoreError as e:
             raise ConfigError(f"store.path: {e}") from None
+        # pcp.recovery_rate is what the CGN sees from igdpcp as a whole: each worker takes its share.
         self.iwf = InterworkingFunction(
             reactor, self.client, self.store, config.policy,
             bound=CallBound(deadline=config.soap_deadline), probe_specific=config.probe_specific,
-            recovery_rate=config.recovery_rate)
+            recovery_rate=config.recovery_rate / shard.count)
 
     def startService(self):
         super().startService()
@@ -109,14 +111,19 @@ class CoreService(Service):
         return d
 
 
-def make_service(reactor, config: Config) -> MultiService:
+def make_service(reactor, config: Config, shard: Shard = Shard()) -> MultiService:
+    """igdpcp in this process: all tunnels, or those of ``shard`` in a worker."""
     set_level(config.log_level)
     shared = config.ssdp_socket == "shared"
-    raise_file_limit(len(config.tunnels), 1 if shared else 2)
+    raise_file_limit(len(config.tunnels) // shard.count + 1, 1 if shared else 2)
     key = privacy_key(config)
     set_pseudonym_key(key)
+    if shard.count == 1:
+        _store_rows_to_owners(config)  # from a run with more workers
     top = MultiService()
-    core = CoreService(reactor, config)
+    # Front ends and mappings are long-lived: keep them out of the collector's passes.
+    GCPolicyService(reactor).setServiceParent(top)
+    core = CoreService(reactor, config, shard)
     core.setServiceParent(top)
     ssdp = None
     if shared:  # started before the tunnels, stopped after their byebyes
@@ -131,10 +138,10 @@ def make_service(reactor, config: Config) -> MultiService:
     )
     ids = make_source(config.ids, reactor) if config.ids else None
     manager = TunnelManager(reactor, core.iwf, settings, ids, dynamic=config.dynamic,
-                            static={t.interface: t for t in config.tunnels})
+                            static={t.interface: t for t in config.tunnels}, owns=shard.owns)
     manager.setServiceParent(top)
     WatcherService(LinkWatcher(reactor, manager), ids,
-                   [t.interface for t in config.tunnels]).setServiceParent(top)
+                   [t.interface for t in config.tunnels if shard.owns(t.name)]).setServiceParent(top)
     return top
 
 
@@ -154,8 +161,6 @@ class WatcherService(Service):
         if hasattr(self.ids, "start"):
             self.ids.start()
         self.watcher.start()
-        # Front ends and mappings are long-lived: keep them out of the collector's passes.
-        self.gc_policy = gcpolicy.install(self.watcher.reactor)
         if self.static_interfaces:
             d = threads.deferToThread(hostsetup.startup_warnings, self.static_interfaces)
             d.addCallback(self._warn_private)
@@ -169,7 +174,34 @@ class WatcherService(Service):
 
     def stopService(self):
         super().stopService()
-        gcpolicy.uninstall(getattr(self, "gc_policy", None))
         self.watcher.stop()
         if hasattr(self.ids, "stop"):
             return self.ids.stop()
+
+
+def _store_rows_to_owners(config: Config) -> None:
+    """Move rows left by a run with another worker count to their tunnel's worker's file."""
+    try:
+        moved = reshard(config.store_path, config.workers, config.store_sync)
+    except StoreError as e:
+        raise ConfigError(f"store.path: {e}") from None
+    if moved:
+        log.info("{moved} stored mappings moved to the file of their tunnel's worker "
+                 "({count} workers now)", moved=moved, count=config.workers)
+
+
+def make_worker(reactor, config: Config, shard: Shard) -> MultiService:
+    """One worker: igdpcp for its shard, ending when its supervisor's pipe closes."""
+    top = make_service(reactor, config, shard)
+    ParentWatchService(reactor).setServiceParent(top)
+    return top
+
+
+def make_supervisor(reactor, config: Config, config_path: str, publish) -> WorkerPool:
+    """``config.workers`` workers.  The privacy key is made here, once, because every
+    worker must derive the same UDNs; stored mappings move to their tunnel's worker."""
+    set_level(config.log_level)
+    set_pseudonym_key(privacy_key(config))
+    _store_rows_to_owners(config)
+    return WorkerPool(reactor, config.workers,
+                      lambda shard: worker_argv(config_path, shard, config.log_level), publish)

@@ -134,14 +134,14 @@ class Topology:
                  soap_deadline: float = 4.0, pcp_lifetime: int = 3600,
                  pool=("5.5.5.5/32",), max_lifetime: int = 3600, link: str = "veth",
                  dynamic: dict | None = None, ids: str = "", third_party_ids: dict | None = None,
-                 before_igdpcp=None, ssdp_socket: str = "per-tunnel"):
+                 before_igdpcp=None, ssdp_socket: str = "per-tunnel", workers: int = 1):
         """``link``: "veth" (``tun<i>``) or "vxlan" (``vxlan<1000+i>``, see the module doc).
         ``dynamic``: None for static ``[[tunnels]]``, else the ``[dynamic]`` table's ``pattern``
         and ``grace`` (address: 192.168.1.1); ``ids``: TOML text appended to igdpcp's config
         (the ``[ids]`` table).  ``third_party_ids``: subscriber -> the ID in hex the CGN must
         show, where it is not :func:`third_party_id_hex`.  ``before_igdpcp(topology)`` runs
         once the namespaces and the CGN are up, before igdpcp starts.  ``ssdp_socket``: igdpcp's
-        ``igd.ssdp_socket`` ("per-tunnel" or "shared")."""
+        ``igd.ssdp_socket`` ("per-tunnel" or "shared"); ``workers``: ``[process] workers``."""
         if link not in ("veth", "vxlan"):
             raise ValueError(f"link must be 'veth' or 'vxlan', not {link!r}")
         self.prefix = prefix
@@ -157,6 +157,7 @@ class Topology:
         self.third_party_ids = dict(third_party_ids or {})
         self.before_igdpcp = before_igdpcp
         self.ssdp_socket = ssdp_socket
+        self.workers = workers
         self.lab: netlab.Lab | None = None
         self.iwf = ""
         self.acc = ""  # the VXLAN underlay netns
@@ -205,7 +206,8 @@ class Topology:
         self.igdpcp_conf = self._write("igdpcp.toml", IGDPCP_TEMPLATE.format(
             igd_version=self.igd_version, http_port=HTTP_PORT, ssdp_socket=self.ssdp_socket,
             soap_deadline=self.soap_deadline,
-            pcp_lifetime=self.pcp_lifetime, store=self.store) + tunnels + self.ids)
+            pcp_lifetime=self.pcp_lifetime, store=self.store) + tunnels + self.ids
+            + f"\n[process]\nworkers = {self.workers}\n")
         self.pcplab_conf = self._write("pcplab.toml", PCPLAB_TEMPLATE.format(
             admin=ADMIN, pool=json.dumps(self.pool), max_lifetime=self.max_lifetime))
         self.pcplab = lab.spawn(self.iwf, self._twistd("pcplab", self.pcplab_conf), name="pcplab")

@@ -70,6 +70,19 @@ class ManagerTests(SynchronousTestCase):
         front.third_party_id().addCallback(out.append)
         return out[0]
 
+    def test_a_worker_serves_only_its_shard(self):
+        """With [process] workers, a link of another worker's tunnel gets no front end here
+        (static tunnels are matched by tunnel name, dynamic ones by interface name)."""
+        self.manager.owns = lambda name: name in ("vxlan7", "subscriber-1")
+        for i, name in enumerate(("vxlan7", "vxlan8", "tun1"), start=3):
+            self.changed(link(name, i))
+        self.assertEqual(sorted(f.interface for f in FakeFrontEnd.started), ["tun1", "vxlan7"])
+        self.manager.owns = lambda name: False
+        self.changed(link("vxlan9", 9))
+        self.manager.link_removed("vxlan8", 4)  # not ours: no grace timer either
+        self.assertEqual(len(FakeFrontEnd.started), 2)
+        self.assertEqual(self.manager.grace, {})
+
     def test_only_matching_links_with_the_address(self):
         self.changed(link("eth0", 2))
         self.changed(link("vxlan7", 3, addresses=()))  # no address yet

@@ -94,6 +94,13 @@ class SQLiteStore:
     def delete(self, row: dict) -> None:
         self._write([(self._delete, [row[k] for k in KEY])])
 
+    def put_many(self, rows: list[dict]) -> None:
+        """One transaction (moving rows between workers' files)."""
+        self._write([(self._put, [row[c] for c in COLUMNS]) for row in rows])
+
+    def delete_many(self, rows: list[dict]) -> None:
+        self._write([(self._delete, [row[k] for k in KEY]) for row in rows])
+
     def durable(self) -> defer.Deferred:
         """Every write is committed when it returns."""
         return defer.succeed(None)

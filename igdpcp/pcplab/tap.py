@@ -9,6 +9,7 @@ from twisted.application import internet, service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from ..gcpolicy import GCPolicyService
 from . import config as cfg
 from .admin import make_site
 from .cgn import LabCGN
@@ -58,6 +59,7 @@ def makeService(options) -> service.MultiService:
         log.warn("{warning}", warning=warning)
     pcp = PCPLabServer(LabCGN(config, reactor.seconds()), reactor)
     top = service.MultiService()
+    GCPolicyService(reactor).setServiceParent(top)  # a lab CGN holds 100,000 mappings in benches
     internet.UDPServer(config.port, pcp, interface=config.listen).setServiceParent(top)
     if config.admin_endpoint:
         host, port = config.admin_endpoint

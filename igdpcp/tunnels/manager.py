@@ -51,7 +51,7 @@ class TunnelManager(MultiService):
 
     def __init__(self, reactor, iwf, settings: FrontEndSettings, id_source, *,
                  dynamic: DynamicTunnels | None = None, static: dict | None = None,
-                 front_end=TunnelFrontEnd):
+                 front_end=TunnelFrontEnd, owns=lambda name: True):
         super().__init__()
         self.reactor = reactor
         self.iwf = iwf
@@ -60,6 +60,7 @@ class TunnelManager(MultiService):
         self.dynamic = dynamic
         self.static = static or {}  # interface -> config.TunnelConfig
         self.front_end = front_end
+        self.owns = owns  # tunnel name -> whether this worker serves it (igdpcp.workers)
         self.fronts: dict[str, TunnelFrontEnd] = {}  # interface -> running front end
         self.ifindex: dict[str, int] = {}
         self.infos: dict[str, TunnelInfo] = {}
@@ -72,11 +73,14 @@ class TunnelManager(MultiService):
 
     # -- which interfaces are tunnels
     def _tunnel(self, state: LinkState):
-        """(name, address, server, grace) for a tunnel interface, or None."""
+        """(name, address, server, grace) for a tunnel interface of this worker, or None."""
         static = self.static.get(state.name)
         if static is not None:
+            if not self.owns(static.name):
+                return None
             return static.name, static.address, static.server, self._grace()
-        if self.dynamic is not None and self.dynamic.pattern.fullmatch(state.name):
+        if (self.dynamic is not None and self.dynamic.pattern.fullmatch(state.name)
+                and self.owns(state.name)):
             address = self.dynamic.address
             if address is None and state.addresses:
                 address = state.addresses[0]
