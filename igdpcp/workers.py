@@ -76,7 +76,7 @@ def _store_files(path: str) -> dict[int, str]:
     files = {0: path} if os.path.exists(path) else {}
     for name in glob.glob(glob.escape(path) + ".worker*"):
         suffix = name[len(path) + len(".worker"):]
-        if suffix.isdigit():
+        if suffix.isdigit() and suffix == str(int(suffix)):  # not ".worker01": not a name we give
             files[int(suffix)] = name
     return files
 
@@ -138,32 +138,36 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         self.pool = pool
         self.index = index
         self.publish = publish
-        self.buffer = b""
+        self.partial = {1: b"", 2: b""}  # fd -> the start of a line not ended yet
         self.ended = defer.Deferred()
 
-    def outReceived(self, data: bytes) -> None:
-        *records, self.buffer = (self.buffer + data).split(b"\n")
-        for record in records:
-            record = record.strip(b"\x1e \r")
-            if not record:
-                continue
-            try:
-                event = eventFromJSON(record.decode("utf-8", "replace"))
-            except ValueError:
-                log.warn("worker {index}: {line}", index=self.index, line=record.decode("utf-8", "replace"))
-                continue
-            level = event.get("log_level")
-            event["log_system"] = (f"worker {self.index} {event.get('log_namespace', '-')}"
-                                   f"#{getattr(level, 'name', '-')}")
-            self.publish(event)
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        *lines, self.partial[fd] = (self.partial[fd] + data).split(b"\n")
+        for line in lines:
+            self._line(fd, line)
 
-    def errReceived(self, data: bytes) -> None:
-        """What a worker says before its logging starts (a traceback, a config line)."""
-        for line in data.decode("utf-8", "replace").splitlines():
-            if line.strip():
-                log.error("worker {index}: {line}", index=self.index, line=line)
+    def _line(self, fd: int, line: bytes) -> None:
+        text = line.strip(b"\x1e \r").decode("utf-8", "replace")
+        if not text:
+            return
+        event = None
+        if fd == 1:
+            try:
+                event = eventFromJSON(text)
+            except ValueError:
+                pass
+        if not isinstance(event, dict):
+            # stderr: what a worker says before its logging starts (a traceback, a config line)
+            (log.error if fd == 2 else log.warn)("worker {index}: {line}", index=self.index, line=text)
+            return
+        level = event.get("log_level")
+        event["log_system"] = (f"worker {self.index} {event.get('log_namespace', '-')}"
+                               f"#{getattr(level, 'name', '-')}")
+        self.publish(event)
 
     def processEnded(self, reason) -> None:
+        for fd, rest in self.partial.items():  # a last line without its newline
+            self._line(fd, rest)
         self.pool.ended(self, reason.value)
         self.ended.callback(None)
 

@@ -57,6 +57,24 @@ class ParseTests(SynchronousTestCase):
         for data, key in cases:
             self.assertKeyError(data, key)
 
+    def test_process_workers(self):
+        self.assertEqual(config.parse({}).workers, 1)
+        self.assertEqual(config.parse({"process": {"workers": 3}}).workers, 3)
+        self.assertEqual(config.parse({"process": {"workers": 256}}).workers, 256)
+        auto = config.parse({"process": {"workers": "auto"}}).workers
+        self.assertGreaterEqual(auto, 1)
+        self.assertEqual(auto, len(os.sched_getaffinity(0)))  # the CPUs it may run on, not all
+        # One worker may share the SSDP socket: it is plain igdpcp.
+        self.assertEqual(config.parse({"process": {"workers": 1}, "igd": {"ssdp_socket": "shared"}}).workers, 1)
+
+    def test_process_workers_errors(self):
+        for value in (0, 257, 300, -1, "x", "AUTO", "", True, 2.0, [2]):
+            self.assertKeyError({"process": {"workers": value}}, "process.workers")
+        # Unicast M-SEARCHes to a shared port 1900 would reach one worker, maybe not the owner.
+        self.assertKeyError({"process": {"workers": 2}, "igd": {"ssdp_socket": "shared"}}, "process.workers")
+        self.assertKeyError({"process": {"foo": 1}}, "process.foo")
+        self.assertKeyError({"process": 4}, "process")
+
     def twistd_lines(self, toml: str) -> list[str]:
         with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
             f.write(toml)
@@ -72,11 +90,23 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(self.twistd_lines("[leases]\nmax = -1\n"),
                          ["igdpcp: leases.max: must be between 1 and 2147483648"])
 
+    def test_twistd_bad_workers_is_one_line(self):
+        self.assertEqual(self.twistd_lines('[process]\nworkers = "many"\n'),
+                         ['igdpcp: process.workers: expected an integer or "auto", got \'many\''])
+
     def test_store_in_use_is_one_line(self):
         path = os.path.join(tempfile.mkdtemp(), "mappings.sqlite")
         held = SQLiteStore(path)  # as if another igdpcp had it
         self.addCleanup(held.close)
         self.assertEqual(self.twistd_lines(f'[store]\npath = "{path}"\n'),
+                         [f"igdpcp: store.path: {path} is in use by another process"])
+
+    def test_store_in_use_with_workers_is_one_line(self):
+        """The supervisor finds it when moving rows between the workers' files."""
+        path = os.path.join(tempfile.mkdtemp(), "mappings.sqlite")
+        held = SQLiteStore(path)
+        self.addCleanup(held.close)
+        self.assertEqual(self.twistd_lines(f'[store]\npath = "{path}"\n[process]\nworkers = 2\n'),
                          [f"igdpcp: store.path: {path} is in use by another process"])
 
 
