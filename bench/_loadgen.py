@@ -5,7 +5,9 @@
 
 JSON: {"host", "port", "sources": [one source address per connection slot],
 "mode": "closed" | "open", "duration", "warmup", "rate" (open loop), "seed",
-"port_offset"}.  Each request is an IGD:1 AddPortMapping as miniupnpc sends
+"port_offset", "ports": [one listener per igdpcp worker; slot i uses
+ports[i % len(ports)]], "timeline": true for per-second [second, count, p50,
+max]}.  Each request is an IGD:1 AddPortMapping as miniupnpc sends
 it (Connection: close, one TCP connection per request) for a new internal and
 external port of the slot's source address.  Prints one JSON line of figures.
 
@@ -68,6 +70,7 @@ class Slot:
         self.source = source
         self.k = 0
         self.offset = offset + index * 1291  # slots walk disjoint port ranges
+        self.port = 0
 
     def next_request(self, host: str, port: int) -> bytes:
         k, self.k = self.k, self.k + 1
@@ -78,6 +81,7 @@ class Slot:
 
 async def exchange(loop, host: str, port: int, slot: Slot) -> int:
     """One request on a new connection; the HTTP status, or 0 for a transport error."""
+    port = slot.port or port
     done = loop.create_future()
     try:
         transport, _ = await loop.create_connection(
@@ -99,17 +103,22 @@ async def run(cfg: dict) -> dict:
     loop = asyncio.get_running_loop()
     host, port = cfg["host"], cfg["port"]
     slots = [Slot(i, s, cfg.get("port_offset", 0)) for i, s in enumerate(cfg["sources"])]
+    for i, slot in enumerate(slots):  # "ports": one listener per igdpcp worker
+        slot.port = cfg.get("ports", [port])[i % len(cfg.get("ports", [port]))]
     warmup, duration = cfg.get("warmup", 0.0), cfg["duration"]
     start = loop.time()
     measure_from, measure_to = start + warmup, start + warmup + duration
     latencies: list[float] = []
     status: dict[str, int] = {}
     cpu = {}
+    timeline = [] if cfg.get("timeline") else None
 
     def record(t0: float, code: int) -> None:
         now = loop.time()
         if measure_from <= t0 and now < measure_to + (cfg.get("drain", 30.0) if cfg["mode"] == "open" else 0):
             latencies.append(now - t0)
+            if timeline is not None:
+                timeline.append((t0 - measure_from, now - t0))
             status[str(code)] = status.get(str(code), 0) + 1
 
     def mark_cpu(key):
@@ -166,7 +175,13 @@ async def run(cfg: dict) -> dict:
             return float("nan")
         return latencies[min(len(latencies) - 1, max(0, int(round(q / 100 * len(latencies) + 0.5)) - 1))]
 
-    return {"rate": achieved, "n": len(latencies), "status": status,
+    extra = {}
+    if timeline is not None:
+        per = {}
+        for t, lat in timeline:
+            per.setdefault(int(t), []).append(lat)
+        extra["timeline"] = [[k, len(v), sorted(v)[len(v) // 2], max(v)] for k, v in sorted(per.items())]
+    return {**extra, "rate": achieved, "n": len(latencies), "status": status,
             "p50": pct(50), "p99": pct(99), "p999": pct(99.9),
             "max": latencies[-1] if latencies else float("nan"),
             "cpu": (cpu["to"][0] - cpu["from"][0]) / max(1e-9, cpu["to"][1] - cpu["from"][1]),

@@ -3,7 +3,8 @@
 :class:`Stack` is what CoreService plus one tunnel front end build: a
 PCPClient, a SQLiteStore, the InterworkingFunction and (optionally) the
 UPnP HTTP face on a plain listenTCP on 127.0.0.1, plus its own lab CGN
-(``twistd -n pcplab``) in a child process.
+(``twistd -n pcplab``) in a child process, or a lab CGN already running
+(what N igdpcp workers share: bench/_worker.py).
 """
 
 from __future__ import annotations
@@ -58,22 +59,38 @@ class GCWatch:
             if info["generation"] == 2:
                 self.longest2_cpu = max(self.longest2_cpu, cpu)
 
+    def figures(self) -> list:
+        """What summary() shows, as JSON-able numbers (a worker child sends them)."""
+        return [self.passes[2], self.longest, self.longest2_cpu, self.total]
+
     def summary(self) -> str:
-        return (f"gen2 x{self.passes[2]}, longest {self.longest * 1000:.0f} ms "
-                f"(gen2 CPU {self.longest2_cpu * 1000:.0f} ms), total {self.total * 1000:.0f} ms")
+        return self.describe([self.figures()])
+
+    @staticmethod
+    def describe(figures: list[list]) -> str:
+        """figures() of one process, or of several: passes and totals summed, longest the max."""
+        gen2, longest, cpu2, total = (f(col) for f, col in zip((sum, max, max, sum), zip(*figures)))
+        return (f"gen2 x{gen2}, longest {longest * 1000:.0f} ms (gen2 CPU {cpu2 * 1000:.0f} ms), "
+                f"total {total * 1000:.0f} ms" + (f", {len(figures)} processes" if len(figures) > 1 else ""))
 
 
 class Stack:
-    """igdpcp as CoreService + one front end wire it, plus its own lab CGN."""
+    """igdpcp as CoreService + one front end wire it, plus its own lab CGN unless
+    ``cgn`` = (host, port) of one already running, which close() then leaves alone."""
 
-    def __init__(self, reactor, *, http: bool = True, policy: Policy = POLICY, **cgn_settings):
+    def __init__(self, reactor, *, http: bool = True, policy: Policy = POLICY,
+                 cgn: tuple[str, int] | None = None, http_port: int = 0, **cgn_settings):
         self.reactor = reactor
-        cgn_settings.setdefault("pool", "5.5.0.0/22")
-        self.cgn = c.LabCGNProcess("127.0.0.2", **cgn_settings).start()
+        self.cgn = None
+        if cgn is None:
+            cgn_settings.setdefault("pool", "5.5.0.0/22")
+            self.cgn = c.LabCGNProcess("127.0.0.2", **cgn_settings).start()
+            cgn = (self.cgn.listen, self.cgn.port)
+        elif cgn_settings:
+            raise TypeError(f"CGN settings {sorted(cgn_settings)} need a Stack's own CGN")
         self.dir = tempfile.mkdtemp(prefix="bench-iwf-")
         self.store = SQLiteStore(os.path.join(self.dir, "mappings.sqlite"))
-        self.client = PCPClient(reactor, {"cgn": ServerAddress("127.0.0.2", self.cgn.port)},
-                                bind="127.0.0.1")
+        self.client = PCPClient(reactor, {"cgn": ServerAddress(*cgn)}, bind="127.0.0.1")
         self.iwf = InterworkingFunction(reactor, self.client, self.store, policy, bound=CallBound())
         self.client.start()
         self.iwf.restore()
@@ -82,7 +99,7 @@ class Stack:
         if http:
             root = UPnPResource(igd_models(1, b"bench-secret-16b", "bench"), self.iwf,
                                 self.caller_for, reactor)
-            self.port = reactor.listenTCP(0, make_site(root), interface="127.0.0.1", backlog=511)
+            self.port = reactor.listenTCP(http_port, make_site(root), interface="127.0.0.1", backlog=511)
 
     def caller_for(self, request) -> Caller | None:
         """Peer address -> its own fixed Subscriber (one per load-generator slot)."""
@@ -100,7 +117,8 @@ class Stack:
         self.iwf.stop()
         await self.client.stop()
         self.store.close()
-        self.cgn.stop()
+        if self.cgn is not None:
+            self.cgn.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
         # Cancelled timers stay in the reactor's heap (holding the keeper, hence
         # the whole stack) until its next turn compacts it; then collect, so the

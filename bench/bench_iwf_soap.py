@@ -1,17 +1,24 @@
 #!/usr/bin/env python3
 """AddPortMapping end to end: SOAP in over real TCP, PCP out to the lab CGN and
-back, SOAP out; compared with a bare twisted.web resource.
+back, SOAP out; compared with a bare twisted.web resource; igdpcp in one
+process and as N worker processes.
 
-    python3 bench/bench_iwf_soap.py [--quick] [--profile]
+    python3 bench/bench_iwf_soap.py [--quick] [--profile] [--workers N]
 
 Processes (2 cores):
   * this process is "igdpcp": PCPClient + InterworkingFunction (SQLite store,
     as CoreService wires it) + UPnPResource/make_site on a plain listenTCP on
     127.0.0.1 (IGD:1), on the global reactor;
+  * or, in the "N workers" phases, N bench/_worker.py children, each one such
+    Stack (own PCP socket, store file, IWF, HTTP port), as igdpcp's
+    [process] workers wires them, sharing one lab CGN; this process then only
+    samples CPU;
   * the lab CGN: ``twistd -n pcplab`` on 127.0.0.2 (pool 5.5.0.0/22, quota
     off, lifetimes 120..3600 s);
   * the load generator: bench/_loadgen.py (asyncio, raw sockets), one TCP
-    connection per request with ``Connection: close`` as upnpc does.
+    connection per request with ``Connection: close`` as upnpc does; with N
+    workers, slot i connects to worker i mod N (a slot is one subscriber, so
+    each subscriber stays on one worker, as sharding by tunnel keeps it).
 
 ``caller_for`` maps the peer address to a Subscriber of its own (THIRD_PARTY_ID
 = the 4 address octets): every load-generator connection slot binds its own
@@ -19,7 +26,7 @@ Processes (2 cores):
 as on a tunnel.  Every request is a new mapping (a new internal = external
 port per request); the policy quota is raised so it never refuses.
 
-Phases, each on a fresh igdpcp stack and a fresh lab CGN:
+Phases, each on a fresh igdpcp (stack or workers) and a fresh lab CGN:
   1. closed loop, 50 connections: igdpcp req/s, p50, p99;
   2. closed loop, 50 connections: a bare twisted.web resource answering the
      same bytes with the same headers on a stock twisted.web Site: req/s; the
@@ -27,9 +34,15 @@ Phases, each on a fresh igdpcp stack and a fresh lab CGN:
      igdpcp's own Site class (UPnPSite: no form sniffing of POST bodies, a
      body cap, no access log), which is faster than stock; its ratio is
      printed too;
-  3. open loop, Poisson 500/s then 2,000/s, 60 s windows (--quick: 10 s), up to
-     50 connections: achieved rate, p50, p99, p99.9 (target p99 < 10 ms at 2,000/s);
-  4. phase 1 again on a fresh stack, then 100,000 mappings pre-loaded
+  3. phases 1 and 2 with N processes (--workers, default: the core count; 1
+     skips them): igdpcp as N workers, and the bare resource on N processes;
+     the ratio igdpcp N workers / bare N processes is the target's
+     same-process-count comparison, the one against bare on 1 process is
+     printed too;
+  4. open loop, Poisson 500/s then 2,000/s, then 2,000/s on N workers, 60 s
+     windows (--quick: 10 s), up to 50 connections: achieved rate, p50, p99,
+     p99.9 (target p99 < 10 ms at 2,000/s);
+  5. phase 1 again on a fresh stack, then 100,000 mappings pre-loaded
      (--quick: 10,000) on that stack, then phase 1 once more (target: rate
      >= 0.9 x the run just before the pre-load, so both see the same
      neighbours on a shared machine).  Pre-loading goes through the IWF API
@@ -51,33 +64,15 @@ import sys
 
 import _common as c
 from _stack import GCWatch, Stack, freeze_after_full_collections, preload
+from _worker import BareSOAP, Workers
 
 from twisted.internet import defer
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.web import resource, server
+from twisted.web import server
 
-from igdpcp.upnp import soap
-from igdpcp.upnp.http import SERVER, XML_TYPE, make_site
+from igdpcp.upnp.http import make_site
 
 CONNECTIONS = 50
-SOAP_NS = "urn:schemas-upnp-org:service:WANIPConnection:1"
-
-
-class BareSOAP(resource.Resource):
-    """A fixed AddPortMapping answer with the headers igdpcp sends, nothing else."""
-
-    isLeaf = True
-    body = soap.build_response(SOAP_NS, "AddPortMapping", [])
-
-    def render_POST(self, request):
-        request.content.read()
-        request.setHeader(b"server", SERVER)
-        request.setHeader(b"connection", b"close")
-        request.channel.persistent = False
-        request.setHeader(b"content-type", XML_TYPE)
-        request.setHeader(b"ext", b"")
-        return self.body
-
 
 _phase = iter(range(20, 250))
 
@@ -88,8 +83,8 @@ def sources() -> list[str]:
     return [f"127.{net}.0.{i + 1}" for i in range(CONNECTIONS)]
 
 
-async def load(port: int, mode: str, duration: float, warmup: float, rate: float = 0.0) -> dict:
-    cfg = {"host": "127.0.0.1", "port": port, "sources": sources(), "mode": mode,
+async def load(ports: list[int], mode: str, duration: float, warmup: float, rate: float = 0.0) -> dict:
+    cfg = {"host": "127.0.0.1", "port": ports[0], "ports": ports, "sources": sources(), "mode": mode,
            "duration": duration, "warmup": warmup, "rate": rate, "seed": 7}
     out, err, code = await getProcessOutputAndValue(
         sys.executable, [str(c.BENCH_DIR / "_loadgen.py"), json.dumps(cfg)], env=dict(os.environ))
@@ -98,22 +93,25 @@ async def load(port: int, mode: str, duration: float, warmup: float, rate: float
     return json.loads(out.decode().strip().splitlines()[-1])
 
 
-async def measured(reactor, what, cgn_pid, watch: GCWatch, coro) -> dict:
-    """Run one load phase; add this process's, the CGN's and the rest of the
-    machine's CPU share over the load generator's measuring window, and GC figures."""
+async def measured(reactor, key, what, coro, watch, cgn_pid=None, servers=()) -> dict:
+    """Run one load phase; add the server's CPU share (this process, or the sum
+    of the ``servers`` pids), the CGN's and the rest of the machine's over the
+    load generator's measuring window, and GC figures (``watch``: a GCWatch, or
+    the Workers)."""
     gc.collect()
     watch.reset()
-    sampler = c.CPUSampler(reactor, [cgn_pid] if cgn_pid else [])
+    sampler = c.CPUSampler(reactor, [*servers, *([cgn_pid] if cgn_pid else [])])
     try:
         result = await coro
     finally:
         sampler.stop()
-    shares = sampler.shares(*result["window"])
-    result["igd_cpu"], machine = shares[0], shares[1]
-    result["cgn_cpu"] = shares[2] if cgn_pid else 0.0
+    own, machine, *pids = sampler.shares(*result["window"])
+    result["igd_cpu"] = sum(pids[:len(servers)]) if servers else own
+    result["cgn_cpu"] = pids[-1] if cgn_pid else 0.0
     result["gc"] = watch.summary()
-    result["others"] = max(0.0, machine - result["igd_cpu"] - result["cgn_cpu"] - result["cpu"])
-    result["what"] = what
+    ours = result["igd_cpu"] + result["cgn_cpu"] + result["cpu"] + (own if servers else 0.0)
+    result["others"] = max(0.0, machine - ours)
+    result["key"], result["what"] = key, what
     return result
 
 
@@ -121,47 +119,62 @@ async def run(reactor, args, out: dict) -> None:
     duration, warmup = (3.0, 1.0) if args.quick else (15.0, 2.0)
     window = 10.0 if args.quick else 60.0
     preloaded = 10_000 if args.quick else 100_000
+    n = args.workers
     watch = GCWatch()
     phases = out["phases"] = []
 
-    stack = Stack(reactor)
-    try:
-        phases.append(await measured(reactor, "igdpcp closed loop, 50 conns", stack.cgn.pid, watch,
-                                     load(stack.port.getHost().port, "closed", duration, warmup)))
-        out["cgn_after_closed"] = stack.cgn.stats().get("mappings")
-    finally:
-        await stack.close()
+    async def phase(key, what, ports, mode="closed", rate=0.0, cgn=None, workers=None):
+        """One measured phase served by this process, or by ``workers``."""
+        times = (window, 0.0) if mode == "open" else (duration, warmup)
+        phases.append(await measured(reactor, key, what, load(ports, mode, *times, rate),
+                                     workers or watch, cgn.pid if cgn else None,
+                                     workers.pids if workers else ()))
 
-    for what, site in (("bare twisted.web, 50 conns", server.Site(BareSOAP(), timeout=60)),
-                       ("bare, igdpcp's UPnPSite, 50 conns", make_site(BareSOAP()))):
+    async def fresh(key, what, mode="closed", rate=0.0, workers=0):
+        """``phase`` on a fresh lab CGN and a fresh igdpcp: a Stack in this
+        process, or ``workers`` worker processes sharing that CGN."""
+        if not workers:
+            stack = Stack(reactor)
+            try:
+                await phase(key, what, [stack.port.getHost().port], mode, rate, stack.cgn)
+            finally:
+                await stack.close()
+            return
+        cgn = c.LabCGNProcess("127.0.0.2").start()
+        try:
+            with Workers(workers, (cgn.listen, cgn.port), gc_freeze=args.gc_freeze) as procs:
+                await phase(key, what, procs.ports, mode, rate, cgn, procs)
+        finally:
+            cgn.stop()
+
+    await fresh("closed", "igdpcp closed loop, 50 conns")
+    for key, what, site in (("bare", "bare twisted.web, 50 conns", server.Site(BareSOAP(), timeout=60)),
+                            ("bare_upnpsite", "bare, igdpcp's UPnPSite, 50 conns", make_site(BareSOAP()))):
         bare = reactor.listenTCP(0, site, interface="127.0.0.1", backlog=511)
         try:
-            phases.append(await measured(reactor, what, None, watch,
-                                         load(bare.getHost().port, "closed", duration, warmup)))
+            await phase(key, what, [bare.getHost().port])
         finally:
             await defer.maybeDeferred(bare.stopListening)
+    if n > 1:
+        await fresh("closed_n", f"igdpcp closed loop, {n} workers, 50 conns", workers=n)
+        with Workers(n, bare=True, gc_freeze=args.gc_freeze) as procs:
+            await phase("bare_n", f"bare twisted.web, {n} processes, 50 conns", procs.ports, workers=procs)
 
     for rate in (500, 2000):
-        stack = Stack(reactor)
-        try:
-            phases.append(await measured(reactor, f"igdpcp open loop {rate}/s", stack.cgn.pid, watch,
-                                         load(stack.port.getHost().port, "open", window, 0.0, rate)))
-        finally:
-            await stack.close()
+        await fresh(f"open{rate}", f"igdpcp open loop {rate}/s", "open", rate)
+    if n > 1:
+        await fresh("open2000_n", f"igdpcp open loop 2000/s, {n} workers", "open", 2000, workers=n)
 
     stack = Stack(reactor)
     try:
         # The reference for the pre-loaded run: the same stack, just before it.
-        phases.append(await measured(reactor, "igdpcp closed loop, same stack before pre-load",
-                                     stack.cgn.pid, watch,
-                                     load(stack.port.getHost().port, "closed", duration, warmup)))
+        ports = [stack.port.getHost().port]
+        await phase("before", "igdpcp closed loop, same stack before pre-load", ports, cgn=stack.cgn)
         out["preload"] = await preload(stack.iwf, preloaded)
         out["preload"]["count"] = preloaded
-        phases.append(await measured(reactor, f"igdpcp closed loop, {preloaded:,} pre-loaded", stack.cgn.pid,
-                                     watch, load(stack.port.getHost().port, "closed", duration, warmup)))
+        await phase("preloaded", f"igdpcp closed loop, {preloaded:,} pre-loaded", ports, cgn=stack.cgn)
         if args.profile:
-            out["profiled"], out["profiler"] = await c.profiled(
-                load(stack.port.getHost().port, "closed", duration, warmup))
+            out["profiled"], out["profiler"] = await c.profiled(load(ports, "closed", duration, warmup))
     finally:
         await stack.close()
 
@@ -180,24 +193,38 @@ def report(out: dict, args) -> None:
                      f"{p['cpu'] * 100:.0f}%", f"{p['others'] * 100:.0f}%", p["gc"]])
     c.table("AddPortMapping over TCP (Connection: close), loopback",
             ["phase", "req/s", "answers", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "non-200",
-             "igdpcp CPU", "CGN CPU", "loadgen CPU", "others' CPU", "GC in igdpcp process"], rows,
-            "CPU = process CPU time / wall time of the phase (1 core = 100%, 2 cores here); "
-            "others' = the rest of the machine's busy time (processes not ours, kernel).")
-    first, bare, own_site = out["phases"][0], out["phases"][1], out["phases"][2]
-    before, pre = out["phases"][-2], out["phases"][-1]
-    open2k = next(p for p in out["phases"] if p["what"].endswith("2000/s"))
-    ratio = first["rate"] / bare["rate"]
-    ratio_pre = pre["rate"] / before["rate"]
-    c.table("Targets", ["check", "value", "target", "verdict"], [
-        ["igdpcp / bare twisted.web, closed loop", f"{ratio:.2f}", ">= 0.5", c.verdict(ratio, 0.5)],
-        ["  (igdpcp / bare on igdpcp's UPnPSite)", f"{first['rate'] / own_site['rate']:.2f}", "-", "-"],
-        ["p99 at 2,000/s offered", f"{c.ms(open2k['p99'])} ms", "< 10 ms",
-         c.verdict(open2k["p99"], 0.010, higher_is_better=False)],
-        ["achieved / offered at 2,000/s", f"{open2k['rate']:,.0f}/s", "2,000/s",
-         c.verdict(open2k["rate"], 0.98 * 2000)],
-        [f"rate with {out['preload']['count']:,} pre-loaded / empty", f"{ratio_pre:.2f}", ">= 0.9",
-         c.verdict(ratio_pre, 0.9)],
-    ])
+             "server CPU", "CGN CPU", "loadgen CPU", "others' CPU", "GC in server processes"], rows,
+            "CPU = process CPU time / wall time of the phase (1 core = 100%, 2 cores here); server = "
+            "igdpcp (all workers summed) or the bare server; others' = the rest of the machine's busy "
+            "time (processes not ours, kernel).")
+    ph = {p["key"]: p for p in out["phases"]}
+    n = args.workers
+    targets: list[list] = []
+
+    def ratio(check, a, b, target=0.5):
+        if a in ph and b in ph:
+            value = ph[a]["rate"] / ph[b]["rate"]
+            targets.append([check, f"{value:.2f}", f">= {target}" if target else "-",
+                            c.verdict(value, target) if target else "-"])
+
+    def open2k(key, label):
+        if key in ph:
+            p = ph[key]
+            targets.append([f"p99 at 2,000/s offered, {label}", f"{c.ms(p['p99'])} ms", "< 10 ms",
+                            c.verdict(p["p99"], 0.010, higher_is_better=False)])
+            targets.append([f"achieved / offered at 2,000/s, {label}", f"{p['rate']:,.0f}/s", "2,000/s",
+                            c.verdict(p["rate"], 0.98 * 2000)])
+
+    ratio("igdpcp / bare twisted.web, 1 process each", "closed", "bare")
+    ratio("  (igdpcp / bare on igdpcp's UPnPSite, 1 process each)", "closed", "bare_upnpsite", None)
+    ratio(f"igdpcp {n} workers / bare twisted.web on {n} processes", "closed_n", "bare_n")
+    ratio(f"igdpcp {n} workers / bare twisted.web on 1 process", "closed_n", "bare")
+    open2k("open2000", "1 process")
+    open2k("open2000_n", f"{n} workers")
+    ratio(f"rate with {out['preload']['count']:,} pre-loaded / empty", "preloaded", "before", 0.9)
+    c.table("Targets", ["check", "value", "target", "verdict"], targets,
+            f"igdpcp / bare >= 0.5: the verdict is the {n} workers / {n} processes row (same process "
+            "count) when there is one; the others are printed for comparison." if "closed_n" in ph else None)
     pl = out["preload"]
     print(f"\nPre-load through InterworkingFunction.add_mapping (no HTTP): {pl['count']:,} mappings, "
           f"{pl['ok']:,} ok, {pl['failed']} failed, {pl['rate']:,.0f}/s (memory per mapping: "
@@ -218,6 +245,8 @@ def main() -> None:
                     help="only the in-process CPU cost per AddPortMapping, layer by layer (~15 s)")
     ap.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
                     help="what-if: Python's default collector instead of igdpcp.gcpolicy")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="igdpcp worker processes for the N-process phases (default: cores; 1 skips them)")
     args = ap.parse_args()
     out: dict = {}
     c.quiet_twisted_logging()
