@@ -75,7 +75,7 @@ class InterworkingFunction:
         self.policy = policy
         self.bound = bound
         self.probe_specific = probe_specific
-        self.rng = rng or random.SystemRandom()
+        self.rng = rng or random.Random()  # renewal and recovery jitter: no secret in it
         self.stats: Counter = Counter()
         self.tables: dict[str, SubscriberTable] = {}
         self.observers: dict[str, list] = {}
