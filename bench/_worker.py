@@ -10,8 +10,9 @@ for any) against a lab CGN that the other workers share, with igdpcp's GC
 policy installed after the wiring, as the service does.  ``--bare`` serves
 ``BareSOAP`` on a stock twisted.web Site instead (no CGN): the N-process
 reference.  Prints ``ready PORT``; reads commands on stdin: ``reset``
-(collect, restart the GC watch; answers ``ok``) and ``gc`` (answers ``gc
-[figures]``, GCWatch.figures); stops cleanly (Stack.close) when stdin closes,
+(collect, restart the GC watch; answers ``ok``), ``gc`` (answers ``gc
+[figures]``, GCWatch.figures) and ``preload N`` (N mappings through the
+IWF, _stack.preload; answers ``preloaded {figures}``); stops cleanly (Stack.close) when stdin closes,
 or on SIGTERM/SIGINT.
 
 :class:`Workers` is the bench's side: N such children.
@@ -27,7 +28,7 @@ import subprocess
 import sys
 
 import _common as c
-from _stack import GCWatch, Stack, freeze_after_full_collections
+from _stack import GCWatch, Stack, freeze_after_full_collections, preload
 
 from twisted.internet import defer, error
 from twisted.protocols.basic import LineReceiver
@@ -93,6 +94,10 @@ class Workers:
     def summary(self) -> str:
         return GCWatch.describe([json.loads(figures) for figures in self._ask("gc", "gc")])
 
+    def preload(self, count: int) -> dict:
+        """``count`` mappings in each worker (the first one's figures)."""
+        return json.loads(self._ask(f"preload {count}", "preloaded")[0])
+
     def close(self) -> None:
         """Close their stdin (each closes its Stack and exits), then reap them."""
         for p in self.procs:
@@ -119,8 +124,8 @@ class Control(LineReceiver):
 
     delimiter = b"\n"
 
-    def __init__(self, reactor, port: int):
-        self.reactor, self.port, self.watch = reactor, port, GCWatch()
+    def __init__(self, reactor, port: int, stack: Stack | None):
+        self.reactor, self.port, self.stack, self.watch = reactor, port, stack, GCWatch()
 
     def connectionMade(self):
         self.sendLine(f"ready {self.port}".encode())
@@ -132,6 +137,9 @@ class Control(LineReceiver):
             self.sendLine(b"ok")
         elif line == b"gc":
             self.sendLine(b"gc " + json.dumps(self.watch.figures()).encode())
+        elif line.startswith(b"preload ") and self.stack is not None:
+            d = defer.ensureDeferred(preload(self.stack.iwf, int(line.split()[1])))
+            d.addCallback(lambda figures: self.sendLine(b"preloaded " + json.dumps(figures).encode()))
 
     def connectionLost(self, reason):
         try:
@@ -149,6 +157,7 @@ def main() -> None:
     args = ap.parse_args()
     from twisted.internet import reactor, stdio
     c.quiet_twisted_logging()
+    stack = None
     if args.bare:
         port = reactor.listenTCP(args.port, server.Site(BareSOAP(), timeout=60),
                                  interface="127.0.0.1", backlog=511)
@@ -159,7 +168,7 @@ def main() -> None:
         reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(stack.close()))
     if args.gc_freeze:
         freeze_after_full_collections()
-    stdio.StandardIO(Control(reactor, port.getHost().port))
+    stdio.StandardIO(Control(reactor, port.getHost().port, stack))
     reactor.run()
 
 

@@ -3,7 +3,7 @@
 back, SOAP out; compared with a bare twisted.web resource; igdpcp in one
 process and as N worker processes.
 
-    python3 bench/bench_iwf_soap.py [--quick] [--profile] [--workers N]
+    python3 bench/bench_iwf_soap.py [--quick] [--profile] [--workers N] [--rounds R]
 
 Processes (2 cores):
   * this process is "igdpcp": PCPClient + InterworkingFunction (SQLite store,
@@ -42,16 +42,19 @@ Phases, each on a fresh igdpcp (stack or workers) and a fresh lab CGN:
   4. open loop, Poisson 500/s then 2,000/s, then 2,000/s on N workers, 60 s
      windows (--quick: 10 s), up to 50 connections: achieved rate, p50, p99,
      p99.9 (target p99 < 10 ms at 2,000/s);
-  5. phase 1 again on a fresh stack, then 100,000 mappings pre-loaded
-     (--quick: 10,000) on that stack, then phase 1 once more (target: rate
-     >= 0.9 x the run just before the pre-load, so both see the same
-     neighbours on a shared machine).  Pre-loading goes through the IWF API
-     in-process (InterworkingFunction.add_mapping, 2,000 subscribers x 50
-     mappings, 128 in flight), so the mappings are real everywhere: SQLite
-     rows, subscriber tables, keeper timers, PCP on the lab CGN.  That is
-     slower than filling the store and calling restore(), but restore() renews
-     through the keeper's paced queue (200/s by default), which would still be
-     running during the measurement.
+  5. two igdpcp processes (bench/_worker.py) with a lab CGN each, one with
+     100,000 mappings pre-loaded (--quick: 10,000), then phase 1 on each in
+     turns (target: rate pre-loaded >= 0.9 x without).  Pre-loading goes
+     through the IWF API (InterworkingFunction.add_mapping, 2,000 subscribers
+     x 50 mappings, 128 in flight), so the mappings are real everywhere:
+     SQLite rows, subscriber tables, keeper timers, PCP on the lab CGN.  That
+     is slower than filling the store and calling restore(), but restore()
+     renews through the keeper's paced queue (200/s by default), which would
+     still be running during the measurement.
+
+Closed loops (phases 1, 2, 3 and 5) run in --rounds rounds (default 3,
+--quick 1); each ratio is taken within a round and the median round is the
+verdict, because this VM's rate drifts by 15% or more from minute to minute.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import sys
 
 import _common as c
@@ -116,7 +120,7 @@ async def measured(reactor, key, what, coro, watch, cgn_pid=None, servers=()) ->
 
 
 async def run(reactor, args, out: dict) -> None:
-    duration, warmup = (3.0, 1.0) if args.quick else (15.0, 2.0)
+    duration, warmup = (3.0, 1.0) if args.quick else (8.0, 2.0)
     window = 10.0 if args.quick else 60.0
     preloaded = 10_000 if args.quick else 100_000
     n = args.workers
@@ -147,36 +151,54 @@ async def run(reactor, args, out: dict) -> None:
         finally:
             cgn.stop()
 
-    await fresh("closed", "igdpcp closed loop, 50 conns")
-    for key, what, site in (("bare", "bare twisted.web, 50 conns", server.Site(BareSOAP(), timeout=60)),
-                            ("bare_upnpsite", "bare, igdpcp's UPnPSite, 50 conns", make_site(BareSOAP()))):
-        bare = reactor.listenTCP(0, site, interface="127.0.0.1", backlog=511)
-        try:
-            await phase(key, what, [bare.getHost().port])
-        finally:
-            await defer.maybeDeferred(bare.stopListening)
-    if n > 1:
-        await fresh("closed_n", f"igdpcp closed loop, {n} workers, 50 conns", workers=n)
-        with Workers(n, bare=True, gc_freeze=args.gc_freeze) as procs:
-            await phase("bare_n", f"bare twisted.web, {n} processes, 50 conns", procs.ports, workers=procs)
+    # Closed loops in rounds: each ratio is taken within a round (minutes apart at most),
+    # so the machine's drift between rounds cancels out; the verdict is the median round.
+    for r in range(args.rounds):
+        tag = f" (round {r + 1})" if args.rounds > 1 else ""
+        await fresh(f"closed{r}", "igdpcp closed loop, 50 conns" + tag)
+        for key, what, site in (("bare", "bare twisted.web, 50 conns", server.Site(BareSOAP(), timeout=60)),
+                                ("bare_upnpsite", "bare, igdpcp's UPnPSite, 50 conns", make_site(BareSOAP()))):
+            bare = reactor.listenTCP(0, site, interface="127.0.0.1", backlog=511)
+            try:
+                await phase(f"{key}{r}", what + tag, [bare.getHost().port])
+            finally:
+                await defer.maybeDeferred(bare.stopListening)
+        if n > 1:
+            await fresh(f"closed_n{r}", f"igdpcp closed loop, {n} workers, 50 conns" + tag, workers=n)
+            with Workers(n, bare=True, gc_freeze=args.gc_freeze) as procs:
+                await phase(f"bare_n{r}", f"bare twisted.web, {n} processes, 50 conns" + tag, procs.ports,
+                            workers=procs)
 
     for rate in (500, 2000):
         await fresh(f"open{rate}", f"igdpcp open loop {rate}/s", "open", rate)
     if n > 1:
         await fresh("open2000_n", f"igdpcp open loop 2000/s, {n} workers", "open", 2000, workers=n)
 
-    stack = Stack(reactor)
+    # Pre-loaded against not: two igdpcp processes with a lab CGN each, measured in turns.
+    # Separate processes, so the loaded one's timers and objects cost the other nothing.
+    cgns = [c.LabCGNProcess("127.0.0.2").start() for _ in range(2)]
     try:
-        # The reference for the pre-loaded run: the same stack, just before it.
-        ports = [stack.port.getHost().port]
-        await phase("before", "igdpcp closed loop, same stack before pre-load", ports, cgn=stack.cgn)
-        out["preload"] = await preload(stack.iwf, preloaded)
-        out["preload"]["count"] = preloaded
-        await phase("preloaded", f"igdpcp closed loop, {preloaded:,} pre-loaded", ports, cgn=stack.cgn)
-        if args.profile:
-            out["profiled"], out["profiler"] = await c.profiled(load(ports, "closed", duration, warmup))
+        with Workers(1, (cgns[0].listen, cgns[0].port), gc_freeze=args.gc_freeze) as plain, \
+                Workers(1, (cgns[1].listen, cgns[1].port), gc_freeze=args.gc_freeze) as loaded:
+            out["preload"] = loaded.preload(preloaded)
+            out["preload"]["count"] = preloaded
+            for r in range(args.rounds):
+                tag = f" (round {r + 1})" if args.rounds > 1 else ""
+                await phase(f"before{r}", "igdpcp closed loop, no pre-load" + tag, plain.ports,
+                            cgn=cgns[0], workers=plain)
+                await phase(f"preloaded{r}", f"igdpcp closed loop, {preloaded:,} pre-loaded" + tag,
+                            loaded.ports, cgn=cgns[1], workers=loaded)
     finally:
-        await stack.close()
+        for cgn in cgns:
+            cgn.stop()
+    if args.profile:
+        stack = Stack(reactor)
+        try:
+            await preload(stack.iwf, preloaded)
+            out["profiled"], out["profiler"] = await c.profiled(
+                load([stack.port.getHost().port], "closed", duration, warmup))
+        finally:
+            await stack.close()
 
 
 def report(out: dict, args) -> None:
@@ -202,9 +224,13 @@ def report(out: dict, args) -> None:
     targets: list[list] = []
 
     def ratio(check, a, b, target=0.5):
-        if a in ph and b in ph:
-            value = ph[a]["rate"] / ph[b]["rate"]
-            targets.append([check, f"{value:.2f}", f">= {target}" if target else "-",
+        """The median over rounds of a round's ``a`` rate / its ``b`` rate (and their range)."""
+        values = sorted(ph[f"{a}{r}"]["rate"] / ph[f"{b}{r}"]["rate"] for r in range(args.rounds)
+                        if f"{a}{r}" in ph and f"{b}{r}" in ph)
+        if values:
+            value = statistics.median(values)
+            spread = f" ({values[0]:.2f}-{values[-1]:.2f})" if len(values) > 1 else ""
+            targets.append([check, f"{value:.2f}{spread}", f">= {target}" if target else "-",
                             c.verdict(value, target) if target else "-"])
 
     def open2k(key, label):
@@ -222,11 +248,14 @@ def report(out: dict, args) -> None:
     open2k("open2000", "1 process")
     open2k("open2000_n", f"{n} workers")
     ratio(f"rate with {out['preload']['count']:,} pre-loaded / empty", "preloaded", "before", 0.9)
-    c.table("Targets", ["check", "value", "target", "verdict"], targets,
-            f"igdpcp / bare >= 0.5: the verdict is the {n} workers / {n} processes row (same process "
-            "count) when there is one; the others are printed for comparison." if "closed_n" in ph else None)
+    rounds = (f"Ratios: the median of {args.rounds} rounds (lowest-highest), each a ratio of "
+              "runs a minute apart at most. " if args.rounds > 1 else "")
+    c.table("Targets", ["check", "value", "target", "verdict"], targets, rounds + (
+        f"igdpcp / bare >= 0.5: the verdict is the {n} workers / {n} processes row (same process "
+        "count); the others are printed for comparison." if n > 1 else ""))
     pl = out["preload"]
-    print(f"\nPre-load through InterworkingFunction.add_mapping (no HTTP): {pl['count']:,} mappings, "
+    print(f"\nPre-load through InterworkingFunction.add_mapping (no HTTP, in the pre-loaded igdpcp "
+          f"process): {pl['count']:,} mappings, "
           f"{pl['ok']:,} ok, {pl['failed']} failed, {pl['rate']:,.0f}/s (memory per mapping: "
           "bench_renewals.py).")
     if "profiler" in out:
@@ -245,9 +274,13 @@ def main() -> None:
                     help="only the in-process CPU cost per AddPortMapping, layer by layer (~15 s)")
     ap.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
                     help="what-if: Python's default collector instead of igdpcp.gcpolicy")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="closed-loop comparisons repeated in rounds (default 3, --quick 1)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="igdpcp worker processes for the N-process phases (default: cores; 1 skips them)")
     args = ap.parse_args()
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     out: dict = {}
     c.quiet_twisted_logging()
     if args.gc_freeze:
