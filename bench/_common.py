@@ -293,11 +293,18 @@ class MachineLoad:
         return (busy1 - busy0) / max(1e-9, t1 - t0)
 
 
+def cpu_wait_seconds(pid="self") -> float:
+    """Time runnable but waiting for a CPU (/proc/PID/schedstat): what a busy
+    machine adds to every request's latency, however fast the code."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
+
+
 class CPUSampler:
-    """Samples CPU time of this process, of other pids and of the whole machine
-    every ``interval`` s on the reactor, so shares can be taken over a window
-    known only afterwards (e.g. a load generator's measuring window, in
-    time.time() seconds)."""
+    """Samples CPU time (and time spent waiting for a CPU) of this process, of
+    other pids and of the whole machine every ``interval`` s on the reactor, so
+    shares can be taken over a window known only afterwards (e.g. a load
+    generator's measuring window, in time.time() seconds)."""
 
     def __init__(self, reactor, pids=(), interval: float = 0.2):
         from twisted.internet.task import LoopingCall
@@ -308,22 +315,32 @@ class CPUSampler:
         self.loop.start(interval)
 
     def sample(self):
-        others = []
+        others, waits = [], []
         for pid in self.pids:
             try:
                 others.append(cpu_seconds(pid))
+                waits.append(cpu_wait_seconds(pid))
             except OSError:
                 others.append(float("nan"))
-        self.samples.append((time.time(), cpu_seconds(), MachineLoad._busy()[0], *others))
+                waits.append(float("nan"))
+        self.samples.append((time.time(), cpu_seconds(), MachineLoad._busy()[0], *others,
+                             cpu_wait_seconds(), *waits))
 
     def stop(self):
         if self.loop.running:
             self.loop.stop()
         self.sample()
 
-    def shares(self, t0: float, t1: float) -> list[float]:
-        """[this process, machine (cores), each pid] CPU share over [t0, t1] (nearest samples inside)."""
+    def _over(self, t0: float, t1: float) -> list[float]:
         inside = [s for s in self.samples if t0 <= s[0] <= t1] or self.samples[-2:]
         a, b = inside[0], inside[-1]
         wall = max(1e-9, b[0] - a[0])
         return [(b[i] - a[i]) / wall for i in range(1, len(a))]
+
+    def shares(self, t0: float, t1: float) -> list[float]:
+        """[this process, machine (cores), each pid] CPU share over [t0, t1] (nearest samples inside)."""
+        return self._over(t0, t1)[:2 + len(self.pids)]
+
+    def waits(self, t0: float, t1: float) -> list[float]:
+        """[this process, each pid]: seconds a second spent waiting for a CPU over [t0, t1]."""
+        return self._over(t0, t1)[2 + len(self.pids):]

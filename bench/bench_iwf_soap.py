@@ -110,7 +110,9 @@ async def measured(reactor, key, what, coro, watch, cgn_pid=None, servers=()) ->
     finally:
         sampler.stop()
     own, machine, *pids = sampler.shares(*result["window"])
+    own_wait, *waits = sampler.waits(*result["window"])
     result["igd_cpu"] = sum(pids[:len(servers)]) if servers else own
+    result["igd_wait"] = max(waits[:len(servers)]) if servers else own_wait
     result["cgn_cpu"] = pids[-1] if cgn_pid else 0.0
     result["gc"] = watch.summary()
     ours = result["igd_cpu"] + result["cgn_cpu"] + result["cpu"] + (own if servers else 0.0)
@@ -211,14 +213,17 @@ def report(out: dict, args) -> None:
         rows.append([p["what"], f"{p['rate']:,.0f}", f"{p['n']:,}" + (f" of {st['offered']:,}" if "offered" in st else ""),
                      c.ms(p["p50"]), c.ms(p["p99"]), c.ms(p["p999"]), c.ms(p["max"]),
                      ", ".join(f"{k}:{v}" for k, v in bad.items()) or "0",
-                     f"{p['igd_cpu'] * 100:.0f}%", f"{p['cgn_cpu'] * 100:.0f}%" if p["cgn_cpu"] else "-",
+                     f"{p['igd_cpu'] * 100:.0f}%", f"{p['igd_wait'] * 100:.0f}%",
+                     f"{p['cgn_cpu'] * 100:.0f}%" if p["cgn_cpu"] else "-",
                      f"{p['cpu'] * 100:.0f}%", f"{p['others'] * 100:.0f}%", p["gc"]])
     c.table("AddPortMapping over TCP (Connection: close), loopback",
             ["phase", "req/s", "answers", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "non-200",
-             "server CPU", "CGN CPU", "loadgen CPU", "others' CPU", "GC in server processes"], rows,
+             "server CPU", "server waits", "CGN CPU", "loadgen CPU", "others' CPU",
+             "GC in server processes"], rows,
             "CPU = process CPU time / wall time of the phase (1 core = 100%, 2 cores here); server = "
-            "igdpcp (all workers summed) or the bare server; others' = the rest of the machine's busy "
-            "time (processes not ours, kernel).")
+            "igdpcp (all workers summed) or the bare server; server waits = share of the time the "
+            "server was ready to run but waited for a CPU (schedstat; the most waiting worker); "
+            "others' = the rest of the machine's busy time (processes not ours, kernel).")
     ph = {p["key"]: p for p in out["phases"]}
     n = args.workers
     targets: list[list] = []
