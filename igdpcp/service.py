@@ -28,7 +28,7 @@ from .tunnels.idsource import make_source
 from .tunnels.manager import TunnelManager
 from .tunnels.netlink import LinkWatcher
 from .tunnels.shared_ssdp import SharedSSDPService
-from .workers import ParentWatchService, Shard, WorkerPool, reshard, worker_argv
+from .workers import Shard, SupervisorLink, WorkerPool, reshard, worker_argv
 
 
 log = logger(__name__)
@@ -190,10 +190,11 @@ def _store_rows_to_owners(config: Config) -> None:
                  "({count} workers now)", moved=moved, count=config.workers)
 
 
-def make_worker(reactor, config: Config, shard: Shard) -> MultiService:
-    """One worker: igdpcp for its shard, ending when its supervisor's pipe closes."""
+def make_worker(reactor, config: Config, shard: Shard, publish) -> MultiService:
+    """One worker: igdpcp for its shard, with a heartbeat to its supervisor, ending
+    when the supervisor's pipe closes."""
     top = make_service(reactor, config, shard)
-    ParentWatchService(reactor).setServiceParent(top)
+    SupervisorLink(reactor, publish).setServiceParent(top)
     return top
 
 
@@ -204,4 +205,4 @@ def make_supervisor(reactor, config: Config, config_path: str, publish) -> Worke
     set_pseudonym_key(privacy_key(config))
     _store_rows_to_owners(config)
     return WorkerPool(reactor, config.workers,
-                      lambda shard: worker_argv(config_path, shard, config.log_level), publish)
+                      lambda shard: worker_argv(config_path, shard), publish)

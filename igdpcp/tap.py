@@ -48,7 +48,7 @@ def makeService(options):
     config = options.config
     try:
         if options.shard is not None:
-            return make_worker(reactor, config, options.shard)
+            return make_worker(reactor, config, options.shard, globalLogPublisher)
         if config.workers > 1:
             return make_supervisor(reactor, config, os.path.abspath(options["config"]),
                                    globalLogPublisher)

@@ -12,9 +12,11 @@ starts the workers it creates the privacy key (UDNs must be the same in every
 worker) and moves store rows to the file of the worker that owns their tunnel
 now, so a changed worker count loses nothing.  It restarts a worker that dies,
 with a growing delay, and re-publishes the workers' log events (JSON on their
-stdout) in its own log.  A worker stops when its stdin closes: the supervisor
-is gone, even by SIGKILL, and an unsupervised worker would hold its store lock
-against the next supervisor.
+stdout) in its own log.  A worker's reactor sends a heartbeat event every 5 s;
+one silent for 30 s is hung (a blocked reactor renews nothing, so its
+mappings would run out on the CGN) and is killed and restarted.  A worker
+stops when its stdin closes: the supervisor is gone, even by SIGKILL, and an
+unsupervised worker would hold its store lock against the next supervisor.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from __future__ import annotations
 import glob
 import os
 import sys
+import time
 import zlib
 from dataclasses import dataclass
 
 from twisted.application.service import Service
-from twisted.internet import defer, error, protocol, stdio
-from twisted.logger import eventFromJSON
+from twisted.internet import defer, error, protocol, stdio, task
+from twisted.logger import LogLevel, eventFromJSON
 
 from .config import MAX_WORKERS
 from .iwf.store import SQLiteStore
@@ -38,6 +41,9 @@ log = logger(__name__)
 RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds before the 1st, 2nd... restart in a row
 STABLE_SECONDS = 60.0  # a worker that ran this long starts the delays again from the first
 STOP_TIMEOUT = 15.0  # SIGTERM, then SIGKILL after this long
+HEARTBEAT_SECONDS = 5.0  # a worker's reactor says it is turning this often...
+SILENCE_LIMIT = 30.0  # ...and one silent this long is hung: killed and restarted
+HEARTBEAT = "igdpcp_heartbeat"  # the log event key that marks a heartbeat
 
 
 def shard_of(tunnel: str, count: int) -> int:
@@ -124,10 +130,12 @@ def _plugin_path() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def worker_argv(config_path: str, shard: Shard, log_level: str) -> list[str]:
-    """``twist`` (Twisted's foreground runner) with JSON log events on stdout."""
+def worker_argv(config_path: str, shard: Shard) -> list[str]:
+    """``twist`` (Twisted's foreground runner) with JSON log events on stdout.  Its
+    level filter lets everything through, as twistd does in one process: igdpcp's
+    own events are filtered by ``log.level`` in the worker, and heartbeats must pass."""
     return [sys.executable, "-m", "twisted", "--log-format=json", "--log-file=-",
-            f"--log-level={log_level}", "igdpcp", "--config", config_path,
+            "--log-level=debug", "igdpcp", "--config", config_path,
             "--worker", f"{shard.index}/{shard.count}"]
 
 
@@ -140,6 +148,8 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         self.publish = publish
         self.partial = {1: b"", 2: b""}  # fd -> the start of a line not ended yet
         self.ended = defer.Deferred()
+        self.last_heard = 0.0  # set by the pool at spawn: the first beat is due within the limit
+        self.killed = False
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
         *lines, self.partial[fd] = (self.partial[fd] + data).split(b"\n")
@@ -159,6 +169,9 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         if not isinstance(event, dict):
             # stderr: what a worker says before its logging starts (a traceback, a config line)
             (log.error if fd == 2 else log.warn)("worker {index}: {line}", index=self.index, line=text)
+            return
+        if event.get(HEARTBEAT):
+            self.last_heard = self.pool.reactor.seconds()
             return
         level = event.get("log_level")
         event["log_system"] = (f"worker {self.index} {event.get('log_namespace', '-')}"
@@ -193,12 +206,26 @@ class WorkerPool(Service):
         self.started_at: dict[int, float] = {}
         self.failures: dict[int, int] = {}
         self.restarts: dict[int, object] = {}  # index -> IDelayedCall
-        self.counters = {"started": 0, "ended": 0}
+        self.counters = {"started": 0, "ended": 0, "hung": 0}
+        self.watchdog = task.LoopingCall(self._check_heartbeats)
+        self.watchdog.clock = reactor
 
     def startService(self):
         super().startService()
         for index in range(self.count):
             self._spawn(index)
+        self.watchdog.start(HEARTBEAT_SECONDS, now=False)
+
+    def _check_heartbeats(self) -> None:
+        now = self.reactor.seconds()
+        for worker in self.running_workers.values():
+            silent = now - worker.last_heard
+            if silent > SILENCE_LIMIT and not worker.killed:
+                worker.killed = True
+                self.counters["hung"] += 1
+                log.error("worker {index} silent for {silent:.0f} s (hung reactor: it renews "
+                          "nothing); killing it", index=worker.index, silent=silent)
+                _signal(worker, "KILL")  # ended() restarts it
 
     def _spawn(self, index: int) -> None:
         self.restarts.pop(index, None)
@@ -207,7 +234,7 @@ class WorkerPool(Service):
         self.reactor.spawnProcess(worker, argv[0], argv, env=self.env,
                                   childFDs={0: "w", 1: "r", 2: "r"})
         self.running_workers[index] = worker
-        self.started_at[index] = self.reactor.seconds()
+        self.started_at[index] = worker.last_heard = self.reactor.seconds()
         self.counters["started"] += 1
 
     def ended(self, worker: _WorkerProtocol, reason) -> None:
@@ -231,6 +258,8 @@ class WorkerPool(Service):
 
     def stopService(self):
         super().stopService()
+        if self.watchdog.running:
+            self.watchdog.stop()
         for call in self.restarts.values():
             if call.active():
                 call.cancel()
@@ -265,17 +294,27 @@ class _ParentWatch(protocol.Protocol):
                 pass
 
 
-class ParentWatchService(Service):
-    """In a worker: end when stdin (a pipe from the supervisor) closes."""
+class SupervisorLink(Service):
+    """In a worker: a heartbeat to the supervisor while the reactor turns, and the
+    end of the worker when stdin (a pipe from the supervisor) closes."""
 
-    name = "parent-watch"
+    name = "supervisor-link"
 
-    def __init__(self, reactor):
+    def __init__(self, reactor, publish):
         self.reactor = reactor
+        self.publish = publish  # the global log publisher: events reach stdout as JSON
         self.watch = self.io = None
+        self.heartbeat = task.LoopingCall(self.beat)
+        self.heartbeat.clock = reactor
+
+    def beat(self) -> None:
+        # Not through igdpcp's level filter: the supervisor needs it at every log.level.
+        self.publish({HEARTBEAT: True, "log_namespace": __name__, "log_level": LogLevel.info,
+                      "log_format": "heartbeat", "log_time": time.time()})
 
     def startService(self):
         super().startService()
+        self.heartbeat.start(HEARTBEAT_SECONDS)
         # StandardIO also wants somewhere to write: not stdout, which carries the log.
         sink = os.open(os.devnull, os.O_WRONLY)
         self.watch = _ParentWatch(self.reactor)
@@ -283,4 +322,6 @@ class ParentWatchService(Service):
 
     def stopService(self):
         super().stopService()
+        if self.heartbeat.running:
+            self.heartbeat.stop()
         self.watch.watching = False  # stopping anyway: the pipe closing now is no news

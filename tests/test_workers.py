@@ -272,7 +272,7 @@ class ReshardTests(SynchronousTestCase):
         self.assertSharded(3)
         self.assertTrue(os.path.exists(self.path + ".key"))  # made once, before any worker
         self.assertEqual(pool.count, 3)
-        self.assertEqual(pool.argv_for(Shard(2, 3)), worker_argv("/etc/igdpcp.toml", Shard(2, 3), "info"))
+        self.assertEqual(pool.argv_for(Shard(2, 3)), worker_argv("/etc/igdpcp.toml", Shard(2, 3)))
         self.assertFalse(pool.running)
 
     def test_back_to_one_process_keeps_workers_rows(self):
@@ -291,7 +291,7 @@ class ReshardTests(SynchronousTestCase):
 class WorkerArgvTests(SynchronousTestCase):
     def test_argv(self):
         """twist, JSON events on stdout, the log level, and the worker's shard."""
-        argv = worker_argv("/etc/igdpcp.toml", Shard(2, 5), "debug")
+        argv = worker_argv("/etc/igdpcp.toml", Shard(2, 5))
         self.assertEqual(argv[:3], [sys.executable, "-m", "twisted"])
         self.assertIn("--log-format=json", argv)
         self.assertIn("--log-file=-", argv)
@@ -326,6 +326,11 @@ elif mode == "noise":
     sys.stdout.flush()
 elif mode == "big":
     log.info("big {index}", index=index, blob="x" * 50000)
+elif mode.startswith("beat"):  # heartbeats every 0.1 s for that many seconds, then silence
+    end = time.monotonic() + float(mode[4:])
+    while time.monotonic() < end:
+        log.info("heartbeat", igdpcp_heartbeat=True)
+        time.sleep(0.1)
 log.warn("up {index}", index=index)
 if mode.startswith("exit"):
     sys.exit(int(mode[4:]))
@@ -459,7 +464,7 @@ class WorkerPoolTests(TestCase):
             self.assertIs(event["log_level"], LogLevel.warn)
             self.assertEqual(event["log_namespace"], "child")
             self.assertEqual(event["log_system"], f"worker {index} child#warn")
-        self.assertEqual(pool.counters, {"started": 2, "ended": 0})
+        self.assertEqual(pool.counters, {"started": 2, "ended": 0, "hung": 0})
 
     @defer.inlineCallbacks
     def test_event_larger_than_a_pipe_read(self):
@@ -540,7 +545,7 @@ class WorkerPoolTests(TestCase):
         self.assertEqual(sorted((i, type(r)) for i, r in pool.reasons),
                          [(0, ProcessDone), (1, ProcessDone), (2, ProcessDone)])
         yield self.sleep(0.3)
-        self.assertEqual(pool.counters, {"started": 3, "ended": 3})
+        self.assertEqual(pool.counters, {"started": 3, "ended": 3, "hung": 0})
 
     @defer.inlineCallbacks
     def test_worker_ignoring_sigterm_is_killed(self):
@@ -556,7 +561,7 @@ class WorkerPoolTests(TestCase):
         self.assertIsInstance(reasons[0], ProcessDone)
         self.assertEqual(reasons[1].signal, signal.SIGKILL)
         self.assertEqual(self.texts("bye"), ["bye 0"])
-        self.assertEqual(pool.counters, {"started": 2, "ended": 2})
+        self.assertEqual(pool.counters, {"started": 2, "ended": 2, "hung": 0})
 
     @defer.inlineCallbacks
     def test_pending_restart_cancelled_by_stop(self):
@@ -569,8 +574,47 @@ class WorkerPoolTests(TestCase):
         self.assertTrue(d.called)  # no worker runs: nothing to wait for
         yield d
         yield self.sleep(0.8)
-        self.assertEqual(pool.counters, {"started": 1, "ended": 1})
+        self.assertEqual(pool.counters, {"started": 1, "ended": 1, "hung": 0})
         # (trial's reactor check fails the test if a delayed call is left behind)
+
+
+    @defer.inlineCallbacks
+    def test_hung_worker_is_killed_and_restarted(self):
+        """Heartbeats, then silence: a blocked reactor renews nothing, so it must go."""
+        self.patch(workers, "HEARTBEAT_SECONDS", 0.1)
+        self.patch(workers, "SILENCE_LIMIT", 0.6)
+        pool = self.pool(1, lambda i: "beat0.5" if len(self.spawned) == 0 else "sleep")
+        pool.startService()
+        yield self.waitFor(lambda: pool.counters["started"] == 2, "the hung worker's restart")
+        self.assertEqual(pool.counters["hung"], 1)
+        self.assertEqual(pool.reasons[0][1].signal, signal.SIGKILL)
+        self.assertTrue(any("silent for" in line for line in self.own(LogLevel.error)), self.own(LogLevel.error))
+        self.assertFalse([e for e in self.published if e.get(workers.HEARTBEAT)], "heartbeats re-published")
+        self.assertEqual(self.texts("up"), ["up 0"])  # the first worker logs it after its beats
+
+    @defer.inlineCallbacks
+    def test_beating_worker_is_left_alone(self):
+        self.patch(workers, "HEARTBEAT_SECONDS", 0.1)
+        self.patch(workers, "SILENCE_LIMIT", 0.6)
+        pool = self.pool(1, "beat30")
+        pool.startService()
+        yield self.sleep(2.0)
+        self.assertEqual(pool.counters, {"started": 1, "ended": 0, "hung": 0})
+
+
+class SupervisorLinkTests(SynchronousTestCase):
+    def test_heartbeat_while_the_reactor_turns(self):
+        """At every log level (not through igdpcp's filter), until the service stops."""
+        self.patch(workers.stdio, "StandardIO", lambda *args, **kwargs: None)
+        clock, published = task.Clock(), []
+        link = workers.SupervisorLink(clock, published.append)
+        link.startService()
+        clock.pump([workers.HEARTBEAT_SECONDS] * 3)
+        self.assertEqual(len(published), 4)
+        self.assertTrue(all(e[workers.HEARTBEAT] for e in published))
+        link.stopService()
+        clock.pump([workers.HEARTBEAT_SECONDS] * 3)
+        self.assertEqual(len(published), 4)
 
 
 class RealWorkerTests(TestCase):
@@ -578,21 +622,41 @@ class RealWorkerTests(TestCase):
 
     timeout = 60
 
-    @defer.inlineCallbacks
-    def test_workers_start_restart_and_stop(self):
+    def start_pool(self, level="info"):
+        """make_supervisor's pool of 2 real workers; (pool, store path, published events)."""
         self.patch(workers, "RESTART_DELAYS", (0.05,))
         self.patch(workers, "STOP_TIMEOUT", 10.0)
         directory = tempfile.mkdtemp()
         store = os.path.join(directory, "mappings.sqlite")
         config_path = os.path.join(directory, "igdpcp.toml")
         with open(config_path, "w") as f:
-            f.write(f'[store]\npath = "{store}"\n[process]\nworkers = 2\n'
+            f.write(f'[store]\npath = "{store}"\n[process]\nworkers = 2\n[log]\nlevel = "{level}"\n'
                     '[pcp.servers.cgn]\naddress = "127.0.0.1"\nport = 9\n')
         published = []
         pool = service.make_supervisor(reactor, configuration.load(config_path), config_path,
                                        published.append)
         self.addCleanup(lambda: pool.stopService() if pool.running else None)
         pool.startService()
+        return pool, store, published
+
+    @defer.inlineCallbacks
+    def heartbeats(self, pool, deadline):
+        """Until every worker's reactor has been heard (the first beat comes as it starts)."""
+        while not all(w.last_heard > pool.started_at[i] for i, w in pool.running_workers.items()):
+            self.assertLess(time.monotonic(), deadline, "no heartbeat from a real worker")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_heartbeats_pass_at_every_log_level(self):
+        pool, store, published = self.start_pool("critical")
+        yield self.heartbeats(pool, time.monotonic() + 30)
+        self.assertEqual(len(pool.running_workers), 2)
+        self.assertFalse([e for e in published if e.get(workers.HEARTBEAT)], "heartbeats re-published")
+        yield pool.stopService()
+
+    @defer.inlineCallbacks
+    def test_workers_start_restart_and_stop(self):
+        pool, store, published = self.start_pool()
 
         def systems():
             return {e.get("log_system", "").split(" ")[1] for e in published
@@ -602,6 +666,7 @@ class RealWorkerTests(TestCase):
         while systems() != {"0", "1"} or not all(os.path.exists(p) for p in (store, store + ".worker1")):
             self.assertLess(time.monotonic(), deadline, [formatEvent(e) for e in published])
             yield task.deferLater(reactor, 0.05, lambda: None)
+        yield self.heartbeats(pool, deadline)
 
         # The supervisor's pipe closing ends a worker by itself; the pool starts another.
         pool.running_workers[1].transport.closeStdin()
@@ -624,10 +689,11 @@ WATCHED = r"""
 import sys
 from twisted.internet import reactor
 from twisted.logger import globalLogBeginner, textFileLogObserver
-from igdpcp.workers import ParentWatchService
+from twisted.logger import globalLogPublisher
+from igdpcp.workers import SupervisorLink
 
 globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
-ParentWatchService(reactor).startService()
+SupervisorLink(reactor, globalLogPublisher).startService()
 reactor.callWhenRunning(lambda: print("running", flush=True))
 reactor.run()
 print("reactor stopped", flush=True)
