@@ -113,11 +113,9 @@ class CoreService(Service):
 
 def make_service(reactor, config: Config, shard: Shard = Shard()) -> MultiService:
     """igdpcp in this process: all tunnels, or those of ``shard`` in a worker."""
-    set_level(config.log_level)
+    key = _log_setup(config)
     shared = config.ssdp_socket == "shared"
     raise_file_limit(len(config.tunnels) // shard.count + 1, 1 if shared else 2)
-    key = privacy_key(config)
-    set_pseudonym_key(key)
     if shard.count == 1:
         _store_rows_to_owners(config)  # from a run with more workers
     top = MultiService()
@@ -179,6 +177,14 @@ class WatcherService(Service):
             return self.ids.stop()
 
 
+def _log_setup(config: Config) -> bytes:
+    """log.level, and the privacy key (made if missing) that log pseudonyms use; returns it."""
+    set_level(config.log_level)
+    key = privacy_key(config)
+    set_pseudonym_key(key)
+    return key
+
+
 def _store_rows_to_owners(config: Config) -> None:
     """Move rows left by a run with another worker count to their tunnel's worker's file."""
     try:
@@ -201,8 +207,7 @@ def make_worker(reactor, config: Config, shard: Shard, publish) -> MultiService:
 def make_supervisor(reactor, config: Config, config_path: str, publish) -> WorkerPool:
     """``config.workers`` workers.  The privacy key is made here, once, because every
     worker must derive the same UDNs; stored mappings move to their tunnel's worker."""
-    set_level(config.log_level)
-    set_pseudonym_key(privacy_key(config))
+    _log_setup(config)
     _store_rows_to_owners(config)
     return WorkerPool(reactor, config.workers,
                       lambda shard: worker_argv(config_path, shard), publish)

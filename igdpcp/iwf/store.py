@@ -85,21 +85,27 @@ class SQLiteStore:
         self._delete = "DELETE FROM mappings WHERE " + " AND ".join(f"{k} = ?" for k in KEY)
 
     def put(self, row: dict) -> None:
-        self._write([(self._put, [row[c] for c in COLUMNS])])
+        self.put_many([row])
 
     def replace(self, old_row: dict, row: dict) -> None:
         """Swap one record for another atomically (a mapping whose key changed)."""
-        self._write([(self._delete, [old_row[k] for k in KEY]), (self._put, [row[c] for c in COLUMNS])])
+        self._write([self._deleting(old_row), self._putting(row)])
 
     def delete(self, row: dict) -> None:
-        self._write([(self._delete, [row[k] for k in KEY])])
+        self.delete_many([row])
 
     def put_many(self, rows: list[dict]) -> None:
-        """One transaction (moving rows between workers' files)."""
-        self._write([(self._put, [row[c] for c in COLUMNS]) for row in rows])
+        """One transaction (also moving rows between workers' files)."""
+        self._write([self._putting(row) for row in rows])
 
     def delete_many(self, rows: list[dict]) -> None:
-        self._write([(self._delete, [row[k] for k in KEY]) for row in rows])
+        self._write([self._deleting(row) for row in rows])
+
+    def _putting(self, row: dict) -> tuple:
+        return self._put, [row[c] for c in COLUMNS]
+
+    def _deleting(self, row: dict) -> tuple:
+        return self._delete, [row[k] for k in KEY]
 
     def durable(self) -> defer.Deferred:
         """Every write is committed when it returns."""
