@@ -118,6 +118,10 @@ class Control:
             "TotalPacketsReceived": lambda caller: 0,
         }
         self._check_coverage()
+        # (service name, namespace a client used) -> its SCPD; every call looks one up.
+        self._spec_by_type = {
+            (name, spec.service_type): spec for (name, version), spec in self._specs.items()
+            if version <= self.version}
 
     def handle(self, caller: Caller | defer.Deferred, service_name: str, soapaction: str | bytes | None,
                body: bytes) -> defer.Deferred:
@@ -168,10 +172,10 @@ class Control:
 
     def _spec_for_type(self, service_name: str, service_type: str) -> ServiceSpec:
         """The SCPD of the namespace the client used; 401 for another service or a newer version."""
-        for (name, version), spec in self._specs.items():
-            if name == service_name and version <= self.version and spec.service_type == service_type:
-                return spec
-        raise UPnPFault(401)
+        spec = self._spec_by_type.get((service_name, service_type))
+        if spec is None:
+            raise UPnPFault(401)
+        return spec
 
     @staticmethod
     def _parse(version: int, action: Action, args: Mapping[str, str]) -> dict:

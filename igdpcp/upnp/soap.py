@@ -12,6 +12,7 @@ action itself cannot be told.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import NamedTuple
 
@@ -119,6 +120,17 @@ CDATA_ARGUMENTS = frozenset({"NewPortListing"})
 
 def build_response(service_type: str, action: str, out_args: list[tuple[str, str]]) -> bytes:
     """``<u:ActionResponse xmlns:u=serviceType>`` with unqualified out-arguments in order."""
+    if not out_args:  # AddPortMapping, DeletePortMapping...: the same bytes every time
+        return _empty_response(service_type, action)
+    return _response(service_type, action, out_args)
+
+
+@functools.lru_cache(maxsize=64)
+def _empty_response(service_type: str, action: str) -> bytes:
+    return _response(service_type, action, ())
+
+
+def _response(service_type: str, action: str, out_args) -> bytes:
     envelope, body = _envelope()
     response = etree.SubElement(body, f"{{{service_type}}}{action}Response", nsmap={"u": service_type})
     for name, value in out_args:
