@@ -19,6 +19,7 @@ from ..pcp.client import MapSpec, PCPSuperseded, PCPTimeout
 from ..pcp.constants import MIN_RENEWAL_GAP, ResultCode
 from ..pcp.schedule import RetransmitPolicy, next_renewal
 from .records import PROTOCOL_NUMBERS, MappingRecord
+from .timerqueue import TimerQueue
 
 log = logger(__name__)
 
@@ -59,7 +60,7 @@ class Keeper:
         self.pcp_lifetime = pcp_lifetime
         self.rng = rng
         self.recovery_rate = recovery_rate
-        self.timers: dict = {}  # record identity -> IDelayedCall
+        self.timers = TimerQueue(reactor)  # record identity -> its renewal or lease-end call
         self.attempts: dict = {}  # record identity -> failed renewal attempts in a row
         self.queue: deque = deque()
         self.queued: set = set()
@@ -93,32 +94,23 @@ class Keeper:
         self._arm(ident, delay, action, record)
 
     def _arm(self, ident, delay, action, record) -> None:
-        old = self.timers.pop(ident, None)
-        if old is not None and old.active():
-            old.cancel()
-        self.timers[ident] = self.reactor.callLater(delay, action, record)
+        self.timers.schedule(ident, delay, action, record)
 
     def cancel(self, record: MappingRecord) -> None:
         ident = self.ident(record)
-        call = self.timers.pop(ident, None)
-        if call is not None and call.active():
-            call.cancel()
+        self.timers.cancel(ident)
         self.attempts.pop(ident, None)
         self.queued.discard(ident)
 
     def stop(self) -> None:
-        for call in self.timers.values():
-            if call.active():
-                call.cancel()
-        self.timers.clear()
+        self.timers.stop()
         if self.pacer is not None and self.pacer.active():
             self.pacer.cancel()
         self.pacer = None
 
     # -- renewal
     def renew(self, record: MappingRecord) -> defer.Deferred:
-        ident = self.ident(record)
-        self.timers.pop(ident, None)
+        self.timers.cancel(self.ident(record))
         current = self.iwf.current(record)
         if current is None:
             return defer.succeed(None)
@@ -164,7 +156,7 @@ class Keeper:
 
     # -- lease end
     def end_lease(self, record: MappingRecord) -> None:
-        self.timers.pop(self.ident(record), None)
+        self.timers.cancel(self.ident(record))
         current = self.iwf.current(record)
         if current is not None:
             self.stats["leases_ended"] += 1
@@ -190,9 +182,6 @@ class Keeper:
                 continue
             self.queued.discard(ident)
             self.stats["recreations_sent"] += 1
-            old = self.timers.pop(ident, None)
-            if old is not None and old.active():
-                old.cancel()
             self.renew(record)
             batch -= 1
         self.pacer = self.reactor.callLater(tick, self._pace) if self.queue else None
