@@ -1,6 +1,6 @@
 """igdpcp on more than one core: a supervisor and ``[process] workers`` worker processes.
 
-One Python process answers 1,700-2,900 AddPortMapping calls a second here and
+One Python process answers 2,500-3,000 AddPortMapping calls a second here and
 then a core is full.  Tunnels are independent (each has its own listeners, its
 own subscriber table and its own THIRD_PARTY_ID), so they shard cleanly: each
 worker is a whole igdpcp (PCP client socket, IWF tables, store file, front
