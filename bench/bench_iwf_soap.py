@@ -15,7 +15,7 @@ Processes (2 cores):
     samples CPU;
   * the lab CGN: ``twistd -n pcplab`` on 127.0.0.2 (pool 5.5.0.0/22, quota
     off, lifetimes 120..3600 s);
-  * the load generator: bench/_loadgen.py (asyncio, raw sockets), one TCP
+  * the load generator: bench/_loadgen.py (asyncio on uvloop, raw sockets), one TCP
     connection per request with ``Connection: close`` as upnpc does; with N
     workers, slot i connects to worker i mod N (a slot is one subscriber, so
     each subscriber stays on one worker, as sharding by tunnel keeps it).
