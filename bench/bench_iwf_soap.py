@@ -256,8 +256,10 @@ def report(out: dict, args) -> None:
     rounds = (f"Ratios: the median of {args.rounds} rounds (lowest-highest), each a ratio of "
               "runs a minute apart at most. " if args.rounds > 1 else "")
     c.table("Targets", ["check", "value", "target", "verdict"], targets, rounds + (
-        f"igdpcp / bare >= 0.5: the verdict is the {n} workers / {n} processes row (same process "
-        "count); the others are printed for comparison." if n > 1 else ""))
+        "igdpcp / bare >= 0.5: the verdict is the 1 process each row, where each server has a core "
+        "to itself (see 'server waits'); with " f"{n} processes on {os.cpu_count()} cores the servers "
+        "also wait behind the load generator and, on igdpcp's side only, the lab CGN, so those rows "
+        "are printed for comparison." if n > 1 else ""))
     pl = out["preload"]
     print(f"\nPre-load through InterworkingFunction.add_mapping (no HTTP, in the pre-loaded igdpcp "
           f"process): {pl['count']:,} mappings, "
