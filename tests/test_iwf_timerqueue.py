@@ -92,6 +92,15 @@ class TimerQueueTests(SynchronousTestCase):
         self.clock.advance(200)
         self.assertEqual(len(self.fired), 11)
 
+    def test_cancelling_does_not_leave_the_heap_full(self):
+        for i in range(10_000):
+            self.timers.schedule(i, 100, self.note, i)
+        for i in range(9_990):
+            self.timers.cancel(i)
+        self.assertLess(len(self.timers._heap), 2 * 10 + 64 + 2)
+        self.clock.advance(100)
+        self.assertEqual([name for name, _ in self.fired], list(range(9_990, 10_000)))
+
     def test_stop_cancels_everything(self):
         for i in range(5):
             self.timers.schedule(i, i, self.note, i)

@@ -63,12 +63,15 @@ class TimerQueue:
         heapq.heappush(self._heap, (when, seq, key))
         if self._armed_for is None or when < self._armed_for:
             self._arm(when)
-        elif len(self._heap) > 2 * len(self._entries) + 64:
-            self._compact()
+        else:
+            self._maybe_compact()
 
     def cancel(self, key: Hashable) -> bool:
         """False if ``key`` had no pending call."""
-        return self._entries.pop(key, None) is not None
+        if self._entries.pop(key, None) is None:
+            return False
+        self._maybe_compact()
+        return True
 
     def stop(self) -> None:
         """Cancel every call."""
@@ -86,9 +89,11 @@ class TimerQueue:
             self._call.cancel()
         self._call = self._armed_for = None
 
-    def _compact(self) -> None:
-        self._heap = [(when, seq, key) for key, (when, seq, _fn, _args) in self._entries.items()]
-        heapq.heapify(self._heap)
+    def _maybe_compact(self) -> None:
+        """Drop the entries of cancelled and re-armed calls once they outnumber the live ones."""
+        if len(self._heap) > 2 * len(self._entries) + 64:
+            self._heap = [(when, seq, key) for key, (when, seq, _fn, _args) in self._entries.items()]
+            heapq.heapify(self._heap)
 
     def _fire(self) -> None:
         self._call = self._armed_for = None
