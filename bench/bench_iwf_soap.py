@@ -257,7 +257,7 @@ def report(out: dict, args) -> None:
               "runs a minute apart at most. " if args.rounds > 1 else "")
     c.table("Targets", ["check", "value", "target", "verdict"], targets, rounds + (
         "igdpcp / bare >= 0.5: the verdict is the 1 process each row, where each server has a core "
-        "to itself (see 'server waits'); with " f"{n} processes on {os.cpu_count()} cores the servers "
+        f"to itself (see 'server waits'); with {n} processes on {os.cpu_count()} cores the servers "
         "also wait behind the load generator and, on igdpcp's side only, the lab CGN, so those rows "
         "are printed for comparison." if n > 1 else ""))
     pl = out["preload"]
