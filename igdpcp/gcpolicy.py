@@ -14,6 +14,12 @@ renewals.  So:
 * the survivors of every collection of generation 1 or 2 are moved to the
   permanent generation (``gc.freeze``), so later collections never walk them
   again;
+* Python's own young collections start after 5,000 net new objects instead
+  of 700: at 700 one ran every ten SOAP requests or so and walked the
+  objects of every request still in flight (about 1,000 of them, 70-85 us
+  each time).  With the timed pass doing most of the work, collection time
+  per AddPortMapping fell from 9.5 to 5.6 us and paired closed-loop runs
+  answered 3-10% more; the longest young pause went from 0.4 to 2 ms;
 * acyclic objects that die later are still freed by reference counting; to
   bound what frozen *cycles* could hold, everything is unfrozen and collected
   once every ``sweep`` seconds (one long pause an hour by default).
@@ -28,6 +34,7 @@ from twisted.internet.task import LoopingCall
 
 SWEEP_SECONDS = 3600.0
 YOUNG_SECONDS = 0.25
+YOUNG_THRESHOLD = 5000  # net new container objects before Python's own young collection
 
 
 def _freeze_survivors(phase: str, info: dict) -> None:
@@ -51,6 +58,7 @@ class GCPolicy:
     """The installed policy: its two timers on ``clock``."""
 
     def __init__(self, clock, sweep: float, young: float):
+        self.threshold = gc.get_threshold()  # restored by uninstall()
         self.loops = []
         for period, action in ((young, young_pass), (sweep, full_sweep)):
             loop = LoopingCall(action)
@@ -64,13 +72,17 @@ class GCPolicy:
                 loop.stop()
 
 
-def install(clock, sweep: float = SWEEP_SECONDS, young: float = YOUNG_SECONDS) -> GCPolicy:
+def install(clock, sweep: float = SWEEP_SECONDS, young: float = YOUNG_SECONDS,
+            threshold: int = YOUNG_THRESHOLD) -> GCPolicy:
     """Freeze now and after every collection of generation 1 or 2; a young pass every
-    ``young`` s and a sweep every ``sweep`` s on ``clock``."""
+    ``young`` s and a sweep every ``sweep`` s on ``clock``; Python's own young
+    collections after ``threshold`` net new objects."""
     gc.freeze()
     if _freeze_survivors not in gc.callbacks:
         gc.callbacks.append(_freeze_survivors)
-    return GCPolicy(clock, sweep, young)
+    policy = GCPolicy(clock, sweep, young)
+    gc.set_threshold(threshold, *policy.threshold[1:])
+    return policy
 
 
 def uninstall(policy: GCPolicy | None = None) -> None:
@@ -78,6 +90,7 @@ def uninstall(policy: GCPolicy | None = None) -> None:
         gc.callbacks.remove(_freeze_survivors)
     if policy is not None:
         policy.stop()
+        gc.set_threshold(*policy.threshold)
     gc.unfreeze()
 
 

@@ -52,6 +52,12 @@ class GCPolicyTests(SynchronousTestCase):
         self.clock.advance(60)  # the hourly (here: 60 s) sweep
         self.assertIsNone(ref())
 
+    def test_young_threshold_while_installed(self):
+        self.assertEqual(gc.get_threshold()[0], gcpolicy.YOUNG_THRESHOLD)
+        self.assertEqual(gc.get_threshold()[1:], self.loop.threshold[1:])
+        gcpolicy.uninstall(self.loop)
+        self.assertEqual(gc.get_threshold(), self.loop.threshold)
+
     def test_uninstall(self):
         gcpolicy.uninstall(self.loop)
         self.assertNotIn(gcpolicy._freeze_survivors, gc.callbacks)
