@@ -61,10 +61,8 @@ class TimerQueue:
         seq = next(self._seq)
         self._entries[key] = (when, seq, fn, args)
         heapq.heappush(self._heap, (when, seq, key))
-        if self._armed_for is None or when < self._armed_for:
-            self._arm(when)
-        else:
-            self._maybe_compact()
+        self._arm_by(when)
+        self._maybe_compact()
 
     def cancel(self, key: Hashable) -> bool:
         """False if ``key`` had no pending call."""
@@ -79,7 +77,10 @@ class TimerQueue:
         self._heap.clear()
         self._entries.clear()
 
-    def _arm(self, when: float) -> None:
+    def _arm_by(self, when: float) -> None:
+        """Have the reactor timer fire at ``when`` unless it already fires earlier."""
+        if self._armed_for is not None and self._armed_for <= when:
+            return
         self._disarm()
         self._armed_for = when
         self._call = self.clock.callLater(max(0.0, when - self.clock.seconds()), self._fire)
@@ -88,6 +89,11 @@ class TimerQueue:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = self._armed_for = None
+
+    def _live(self, seq: int, key: Hashable):
+        """The entry a heap item stands for, or None if it was cancelled or scheduled again."""
+        entry = self._entries.get(key)
+        return entry if entry is not None and entry[1] == seq else None
 
     def _maybe_compact(self) -> None:
         """Drop the entries of cancelled and re-armed calls once they outnumber the live ones."""
@@ -99,13 +105,13 @@ class TimerQueue:
         self._call = self._armed_for = None
         now = self.clock.seconds()
         limit = next(self._seq)  # entries made by the calls below wait for a later turn
-        heap, entries = self._heap, self._entries
+        heap = self._heap
         while heap and heap[0][0] <= now and heap[0][1] < limit:
             _when, seq, key = heapq.heappop(heap)
-            entry = entries.get(key)
-            if entry is None or entry[1] != seq:
-                continue  # cancelled, or scheduled again
-            del entries[key]
+            entry = self._live(seq, key)
+            if entry is None:
+                continue
+            del self._entries[key]
             try:
                 entry[2](*entry[3])
             except Exception:
@@ -114,12 +120,10 @@ class TimerQueue:
         self._rearm()
 
     def _rearm(self) -> None:
-        heap, entries = self._heap, self._entries
+        heap = self._heap
         while heap:
             when, seq, key = heap[0]
-            entry = entries.get(key)
-            if entry is not None and entry[1] == seq:
-                if self._armed_for is None or when < self._armed_for:
-                    self._arm(when)
+            if self._live(seq, key) is not None:
+                self._arm_by(when)
                 return
             heapq.heappop(heap)
