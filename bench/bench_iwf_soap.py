@@ -39,9 +39,10 @@ Phases, each on a fresh igdpcp (stack or workers) and a fresh lab CGN:
      the ratio igdpcp N workers / bare N processes is the target's
      same-process-count comparison, the one against bare on 1 process is
      printed too;
-  4. open loop, Poisson 500/s then 2,000/s, then 2,000/s on N workers, 60 s
-     windows (--quick: 10 s), up to 50 connections: achieved rate, p50, p99,
-     p99.9 (target p99 < 10 ms at 2,000/s);
+  4. open loop, Poisson 500/s, then 2,000/s and 2,000/s on N workers in
+     --rounds rounds, 60 s windows (--quick: 10 s), up to 50 connections:
+     achieved rate, p50, p99, p99.9 (target p99 < 10 ms at 2,000/s: the
+     median round's);
   5. two igdpcp processes (bench/_worker.py) with a lab CGN each, one with
      100,000 mappings pre-loaded (--quick: 10,000), then phase 1 on each in
      turns (target: rate pre-loaded >= 0.9 x without).  Pre-loading goes
@@ -171,10 +172,15 @@ async def run(reactor, args, out: dict) -> None:
                 await phase(f"bare_n{r}", f"bare twisted.web, {n} processes, 50 conns" + tag, procs.ports,
                             workers=procs)
 
-    for rate in (500, 2000):
-        await fresh(f"open{rate}", f"igdpcp open loop {rate}/s", "open", rate)
-    if n > 1:
-        await fresh("open2000_n", f"igdpcp open loop 2000/s, {n} workers", "open", 2000, workers=n)
+    await fresh("open500", "igdpcp open loop 500/s", "open", 500)
+    # The 2,000/s windows run in rounds too: this VM's slow phases last seconds to
+    # minutes, and they moved a single window's p99 anywhere from 10 to 95 ms.
+    for r in range(args.rounds):
+        tag = f" (round {r + 1})" if args.rounds > 1 else ""
+        await fresh(f"open2000{r}", "igdpcp open loop 2000/s" + tag, "open", 2000)
+        if n > 1:
+            await fresh(f"open2000_n{r}", f"igdpcp open loop 2000/s, {n} workers" + tag, "open", 2000,
+                        workers=n)
 
     # Pre-loaded against not: two igdpcp processes with a lab CGN each, measured in turns.
     # Separate processes, so the loaded one's timers and objects cost the other nothing.
@@ -239,12 +245,17 @@ def report(out: dict, args) -> None:
                             c.verdict(value, target) if target else "-"])
 
     def open2k(key, label):
-        if key in ph:
-            p = ph[key]
-            targets.append([f"p99 at 2,000/s offered, {label}", f"{c.ms(p['p99'])} ms", "< 10 ms",
-                            c.verdict(p["p99"], 0.010, higher_is_better=False)])
-            targets.append([f"achieved / offered at 2,000/s, {label}", f"{p['rate']:,.0f}/s", "2,000/s",
-                            c.verdict(p["rate"], 0.98 * 2000)])
+        """The median round's p99 (and the range), and the lowest achieved rate of any round."""
+        runs = [ph[f"{key}{r}"] for r in range(args.rounds) if f"{key}{r}" in ph]
+        if runs:
+            p99s = sorted(p["p99"] for p in runs)
+            p99 = statistics.median(p99s)
+            spread = f" ({c.ms(p99s[0])}-{c.ms(p99s[-1])})" if len(p99s) > 1 else ""
+            targets.append([f"p99 at 2,000/s offered, {label}", f"{c.ms(p99)} ms{spread}", "< 10 ms",
+                            c.verdict(p99, 0.010, higher_is_better=False)])
+            rate = min(p["rate"] for p in runs)
+            targets.append([f"achieved / offered at 2,000/s, {label}", f"{rate:,.0f}/s", "2,000/s",
+                            c.verdict(rate, 0.98 * 2000)])
 
     ratio("igdpcp / bare twisted.web, 1 process each", "closed", "bare")
     ratio("  (igdpcp / bare on igdpcp's UPnPSite, 1 process each)", "closed", "bare_upnpsite", None)
@@ -254,7 +265,8 @@ def report(out: dict, args) -> None:
     open2k("open2000_n", f"{n} workers")
     ratio(f"rate with {out['preload']['count']:,} pre-loaded / empty", "preloaded", "before", 0.9)
     rounds = (f"Ratios: the median of {args.rounds} rounds (lowest-highest), each a ratio of "
-              "runs a minute apart at most. " if args.rounds > 1 else "")
+              "runs a minute apart at most; p99 at 2,000/s: the median of its rounds' windows "
+              "(lowest-highest). " if args.rounds > 1 else "")
     c.table("Targets", ["check", "value", "target", "verdict"], targets, rounds + (
         "igdpcp / bare >= 0.5: the verdict is the 1 process each row, where each server has a core "
         f"to itself (see 'server waits'); with {n} processes on {os.cpu_count()} cores the servers "
