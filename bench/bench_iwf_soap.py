@@ -234,13 +234,18 @@ def report(out: dict, args) -> None:
     n = args.workers
     targets: list[list] = []
 
+    def median(values, show) -> tuple[float, str]:
+        """The median of the rounds' ``values``, and " (lowest-highest)" if there are several."""
+        values = sorted(values)
+        return statistics.median(values), (f" ({show(values[0])}-{show(values[-1])})"
+                                            if len(values) > 1 else "")
+
     def ratio(check, a, b, target=0.5):
         """The median over rounds of a round's ``a`` rate / its ``b`` rate (and their range)."""
-        values = sorted(ph[f"{a}{r}"]["rate"] / ph[f"{b}{r}"]["rate"] for r in range(args.rounds)
-                        if f"{a}{r}" in ph and f"{b}{r}" in ph)
+        values = [ph[f"{a}{r}"]["rate"] / ph[f"{b}{r}"]["rate"] for r in range(args.rounds)
+                  if f"{a}{r}" in ph and f"{b}{r}" in ph]
         if values:
-            value = statistics.median(values)
-            spread = f" ({values[0]:.2f}-{values[-1]:.2f})" if len(values) > 1 else ""
+            value, spread = median(values, "{:.2f}".format)
             targets.append([check, f"{value:.2f}{spread}", f">= {target}" if target else "-",
                             c.verdict(value, target) if target else "-"])
 
@@ -248,9 +253,7 @@ def report(out: dict, args) -> None:
         """The median round's p99 (and the range), and the lowest achieved rate of any round."""
         runs = [ph[f"{key}{r}"] for r in range(args.rounds) if f"{key}{r}" in ph]
         if runs:
-            p99s = sorted(p["p99"] for p in runs)
-            p99 = statistics.median(p99s)
-            spread = f" ({c.ms(p99s[0])}-{c.ms(p99s[-1])})" if len(p99s) > 1 else ""
+            p99, spread = median([p["p99"] for p in runs], c.ms)
             targets.append([f"p99 at 2,000/s offered, {label}", f"{c.ms(p99)} ms{spread}", "< 10 ms",
                             c.verdict(p99, 0.010, higher_is_better=False)])
             rate = min(p["rate"] for p in runs)
