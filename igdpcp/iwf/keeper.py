@@ -91,9 +91,6 @@ class Keeper:
         action = self.renew
         if record.lease_end is not None and record.lease_end - now <= delay:
             delay, action = max(0.0, record.lease_end - now), self.end_lease
-        self._arm(ident, delay, action, record)
-
-    def _arm(self, ident, delay, action, record) -> None:
         self.timers.schedule(ident, delay, action, record)
 
     def cancel(self, record: MappingRecord) -> None:
